@@ -1,0 +1,3 @@
+from distgrad.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Engines start workers and move messages; they never know which algorithm runs."""

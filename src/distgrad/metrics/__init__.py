@@ -1,0 +1,1 @@
+"""Events, evaluation and pure functions over event logs."""

@@ -1,0 +1,122 @@
+"""Typed events of a run, kept in memory and streamed to ``events.jsonl``.
+
+One JSON object per line, each with ``type`` and ``t`` (the engine's clock:
+virtual seconds in the simulator, elapsed wall seconds in real engines):
+
+* ``batch``   worker, loss, acc — one local mini-batch (the thesis' per-batch log)
+* ``commit``  worker, version, base_version, staleness, distance, steps, samples [, scale]
+* ``round``   version, workers, steps, samples — a synchronous round
+* ``eval``    version, samples, test_loss, test_acc — the center on the full test set
+* ``fault``   worker, kind, samples_lost
+* ``done``    worker — a worker finished its data
+
+Events hold no wall-clock readings, so a simulator run's log is bit-identical
+for a seed. Lines are flushed as they are written: a run that dies keeps its log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from distgrad.algorithms.base import StepStats
+from distgrad.server import CommitRecord, RoundRecord
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+class Recorder:
+    """Collects events; optionally streams them to a JSONL file."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        record_batches: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.record_batches = record_batches
+        self.on_batch = on_batch
+        self._file: IO[str] | None = path.open("w", buffering=1) if path is not None else None
+        self.samples = 0
+        self.samples_committed = 0
+        self.commits = 0
+        self.last_batch: dict[int, StepStats] = {}
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if self._file is not None:
+            self._file.write(json.dumps(event, allow_nan=False, default=_clean) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # ------------------------------------------------------------------ events
+    def batch(self, t: float, worker: int, stats: StepStats) -> None:
+        self.samples += stats.samples
+        self.last_batch[worker] = stats
+        if self.record_batches:
+            self._emit({
+                "type": "batch", "t": t, "worker": worker, "loss": _finite(stats.loss),
+                "acc": stats.correct / stats.samples,
+            })
+        if self.on_batch is not None:
+            self.on_batch(stats.samples)
+
+    def commit(self, t: float, rec: CommitRecord) -> None:
+        self.commits += 1
+        self.samples_committed += rec.samples
+        event: dict[str, Any] = {
+            "type": "commit", "t": t, "worker": rec.worker, "version": rec.version,
+            "base_version": rec.base_version, "staleness": rec.staleness,
+            "distance": _finite(rec.distance), "steps": rec.steps, "samples": rec.samples,
+        }
+        event.update({k: _finite(v) for k, v in rec.metrics.items()})
+        self._emit(event)
+
+    def round(self, t: float, rec: RoundRecord) -> None:
+        self.commits += len(rec.participants)
+        self.samples_committed += rec.samples
+        event: dict[str, Any] = {
+            "type": "round", "t": t, "version": rec.version, "workers": list(rec.participants),
+            "steps": rec.steps, "samples": rec.samples,
+        }
+        event.update({k: _finite(v) for k, v in rec.metrics.items()})
+        self._emit(event)
+
+    def evaluation(self, t: float, version: int, metrics: dict[str, float | None]) -> None:
+        self._emit({"type": "eval", "t": t, "version": version,
+                    "samples": self.samples_committed,
+                    **{k: _finite(v) for k, v in metrics.items()}})
+
+    def fault(self, t: float, worker: int, kind: str, samples_lost: int, **extra: Any) -> None:
+        self._emit({"type": "fault", "t": t, "worker": worker, "kind": kind,
+                    "samples_lost": samples_lost, **extra})
+
+    def done(self, t: float, worker: int) -> None:
+        self._emit({"type": "done", "t": t, "worker": worker})
+
+    # ------------------------------------------------------------------ views
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+
+def _finite(v: float | None) -> float | None:
+    """JSON has no NaN/Inf: a non-finite value is written as null."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if v == v and abs(v) != float("inf") else None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]

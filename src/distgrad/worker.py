@@ -1,0 +1,281 @@
+"""The worker shell: a model replica over one flat buffer, and the engine-agnostic worker loop.
+
+The replica's parameters are *views* into one private flat float32 buffer
+(``Replica.params``), and their gradients are views into ``Replica.grad``, so a
+pull is one ``copy_`` and a commit is one buffer. The replica never aliases the
+center or another replica: ``params`` is allocated here and only ever written by
+copies (the thesis' own simulator shared one array between the server and every
+worker by accident, see spec/thesis.md §6).
+
+The worker loop (:meth:`Worker.run`) is a generator that yields requests
+(:class:`Pull`, :class:`Step`, :class:`Commit`) and receives the engine's replies.
+The simulator drives it on a virtual clock; the process engine drives it with
+shared memory. The loop itself never knows which.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from distgrad.algorithms.base import StepStats, WorkerRule
+from distgrad.optim import make_inner_optimizer
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def flatten_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move ``module``'s trainable parameters into one flat buffer; return (params, grads).
+
+    After the call every trainable parameter ``p`` satisfies ``p.data`` is a view
+    of the returned ``params`` and ``p.grad`` a view of the returned ``grads``.
+    Autograd accumulates into an existing ``.grad`` in place, so backward writes
+    straight into the flat gradient buffer (checked by :meth:`Replica.gradient`).
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    dtypes = {p.dtype for p in trainable}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"distgrad trains float32 parameters only, got {sorted(map(str, dtypes))}")
+    device = trainable[0].device
+    total = sum(p.numel() for p in trainable)
+    params = torch.empty(total, dtype=torch.float32, device=device)
+    grads = torch.zeros(total, dtype=torch.float32, device=device)
+    offset = 0
+    for p in trainable:
+        n = p.numel()
+        params[offset : offset + n].copy_(p.data.reshape(-1))
+        p.data = params[offset : offset + n].view_as(p)
+        p.grad = grads[offset : offset + n].view_as(p)
+        offset += n
+    return params, grads
+
+
+def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
+    """Logits (N, C) against integer class labels (N,): accuracy is defined."""
+    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class Replica:
+    """One worker's model copy, flat buffers and inner optimizer.
+
+    Buffers: ``params`` (θ^k; the module's parameters are views of it), ``grad``,
+    ``base`` (the center as of the last pull), ``payload`` (what is sent), and
+    ``buffers`` for whatever the worker rule keeps (velocity, ...).
+    """
+
+    def __init__(
+        self,
+        worker: int,
+        module: nn.Module,
+        loss_fn: LossFn,
+        inner_optimizer: str,
+        lr: float,
+        inner_options: dict[str, float] | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.worker = worker
+        self.seed = seed
+        self.device = torch.device(device)
+        self.module = copy.deepcopy(module).to(self.device)
+        self.module.train()
+        self.loss_fn = loss_fn
+        self.params, self.grad = flatten_parameters(self.module)
+        self._views = [p for p in self.module.parameters() if p.requires_grad]
+        self.base = torch.empty_like(self.params)
+        self.payload = torch.empty_like(self.params)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.lr = lr
+        self.params.grad = self.grad
+        self.optimizer = make_inner_optimizer(
+            inner_optimizer, self.params, lr, **dict(inner_options or {})
+        )
+
+    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """Forward and backward on one batch; the gradient lands in ``self.grad``."""
+        self.grad.zero_()
+        out = self.module(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        self._check_grad_views()
+        with torch.no_grad():
+            correct = int((out.argmax(dim=1) == y).sum()) if is_classification(out, y) else 0
+        return StepStats(loss=float(loss.detach()), correct=correct, samples=int(y.shape[0]))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """One step of the inner optimizer on one batch."""
+        stats = self.gradient(x, y)
+        self.optimizer.step()
+        return stats
+
+    def _check_grad_views(self) -> None:
+        # Autograd keeps an existing .grad and adds in place; if a module replaced a
+        # gradient tensor (sparse or strided grads), copy it back into the flat buffer.
+        offset = 0
+        for p in self._views:
+            n = p.numel()
+            view = self.grad[offset : offset + n]
+            if p.grad is None:
+                view.zero_()
+                p.grad = view.view_as(p)
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad.reshape(-1))
+                p.grad = view.view_as(p)
+            offset += n
+
+    def reinitialize(self, seed_offset: int) -> None:
+        """Re-draw the parameters from a seed of their own (ensemble members)."""
+        from distgrad.models import initialize
+
+        initialize(self.module, self.seed * 1_000_003 + seed_offset)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class BatchSource:
+    """Mini-batches of one worker's shard for a number of epochs, deterministic for a seed.
+
+    Every pass visits the whole shard, including a final partial batch (dist-keras
+    dropped it). With ``shuffle`` the order is re-drawn each pass from the worker's
+    own generator. ``remaining()`` gives the indices not yet handed out, so an
+    engine can reassign the unfinished part of a shard.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: np.ndarray,
+        batch_size: int,
+        epochs: int,
+        seed: int,
+        shuffle: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if len(indices) == 0:
+            raise ValueError("empty shard: every worker needs at least one sample")
+        self.x = x
+        self.y = y
+        self.batch_size = batch_size
+        rng = np.random.default_rng(seed)
+        order = [rng.permutation(indices) if shuffle else np.asarray(indices)
+                 for _ in range(epochs)]
+        self.order = np.concatenate(order) if order else np.empty(0, dtype=np.int64)
+        self.position = 0
+        self.device = torch.device(device)
+
+    @property
+    def total(self) -> int:
+        return len(self.order)
+
+    def remaining(self) -> np.ndarray:
+        return self.order[self.position :]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while self.position < len(self.order):
+            idx = torch.from_numpy(self.order[self.position : self.position + self.batch_size])
+            self.position += len(idx)
+            xb, yb = self.x[idx], self.y[idx]
+            if self.device.type != "cpu":
+                xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device)
+            yield xb, yb
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Pull:
+    """Copy what the server hands this worker (normally the center) into ``into``.
+
+    The engine replies with the server version of what was pulled.
+    """
+
+    into: torch.Tensor
+
+
+@dataclass
+class Step:
+    """One local step was taken; the engine advances the worker's clock. Reply: None."""
+
+    stats: StepStats
+
+
+@dataclass
+class Commit:
+    """Send ``payload`` (``steps`` local steps over ``samples`` samples).
+
+    ``stale_center`` is sent along when the rule asks for it (ADAG placement 1).
+    ``pull_into``: pull right after the commit is applied (after the barrier for
+    synchronous rules) into this buffer. The engine replies with the server
+    version the worker now holds.
+    """
+
+    payload: torch.Tensor
+    steps: int
+    samples: int
+    stale_center: torch.Tensor | None = None
+    pull_into: torch.Tensor | None = None
+
+
+Request = Pull | Step | Commit
+
+
+class Worker:
+    """Runs one worker's algorithm loop as a generator of requests."""
+
+    def __init__(self, worker: int, replica: Replica, rule: WorkerRule, batches: BatchSource):
+        self.id = worker
+        self.rep = replica
+        self.rule = rule
+        self.batches = batches
+        self.version = 0
+        self.uncommitted_samples = 0
+        self.steps = 0
+
+    def run(self) -> Generator[Request, int | None, None]:
+        rep, rule = self.rep, self.rule
+        self.version = yield Pull(rep.base)
+        rep.params.copy_(rep.base)
+        rule.setup(rep)
+        steps = 0
+        for x, y in self.batches:
+            stats = rule.local_step(rep, x, y)
+            steps += 1
+            self.steps += 1
+            self.uncommitted_samples += stats.samples
+            yield Step(stats)
+            if rule.should_commit(rep, steps, stats):
+                yield from self._commit(steps)
+                steps = 0
+        if steps:
+            yield from self._commit(steps)
+
+    def _commit(self, steps: int) -> Generator[Request, int | None, None]:
+        rep, rule = self.rep, self.rule
+        payload = rule.make_payload(rep, steps)
+        version = yield Commit(
+            payload=payload,
+            steps=steps,
+            samples=self.uncommitted_samples,
+            stale_center=rep.base if rule.sends_stale_center else None,
+            pull_into=rep.base if rule.pull_after_commit else None,
+        )
+        self.uncommitted_samples = 0
+        rule.after_commit(rep, payload)
+        if version is not None:
+            self.version = version
+        if rule.pull_after_commit:
+            rule.after_pull(rep)

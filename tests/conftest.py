@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models and data sets so that whole runs take a second or less."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distgrad.data import load_mnist
+from distgrad.models import initialize
+
+
+class Point(nn.Module):
+    """A model that is just a 2-vector w; paired with :func:`half_sq` it is the quadratic
+    0.5·‖w − y‖², whose SGD step is w ← w − η(w − y): easy to follow by hand."""
+
+    def __init__(self, init: tuple[float, float] = (0.0, 0.0)) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.expand(len(x), -1)
+
+
+def half_sq(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((out - y) ** 2).sum(dim=1).mean()
+
+
+def point_data(targets: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.tensor(targets, dtype=torch.float32)
+    return torch.zeros(len(y), 1), y
+
+
+class TinyMLP(nn.Sequential):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+@pytest.fixture(scope="session")
+def mnist_small() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """3,000 training and 1,000 test images of the real MNIST."""
+    d = load_mnist()
+    return {"data": (d.x_train[:3000], d.y_train[:3000]),
+            "test_data": (d.x_test[:1000], d.y_test[:1000])}
+
+
+@pytest.fixture()
+def tiny_mlp() -> nn.Module:
+    return initialize(TinyMLP(), seed=0)

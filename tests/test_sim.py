@@ -1,0 +1,202 @@
+"""The simulator: determinism, staleness statistics, timing models, crashes, aliasing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distgrad import Timing, train
+from distgrad.worker import Replica
+
+FAST = dict(epochs=1, batch_size=32, lr=1e-3, inner_optimizer="adam", eval_every=0.5)
+
+
+def test_same_seed_gives_identical_parameters_and_event_log(mnist_small, tiny_mlp, tmp_path):
+    runs = [train(algorithm="adag", workers=4, window=3, seed=11, model=tiny_mlp,
+                  out=tmp_path / f"r{i}", **FAST, **mnist_small) for i in range(2)]
+    assert runs[0].params_sha256 == runs[1].params_sha256
+    assert (tmp_path / "r0" / "events.jsonl").read_bytes() == \
+        (tmp_path / "r1" / "events.jsonl").read_bytes()
+    other = train(algorithm="adag", workers=4, window=3, seed=12, model=tiny_mlp, **FAST,
+                  **mnist_small)
+    assert other.params_sha256 != runs[0].params_sha256
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_mean_staleness_is_close_to_n_minus_one(n, mnist_small, tiny_mlp):
+    res = train(algorithm="downpour", workers=n, window=1, seed=1, model=tiny_mlp,
+                track_distance=False, record_batches=False, epochs=2, batch_size=16, lr=1e-3,
+                eval_every=100.0, **mnist_small)
+    assert abs(res.staleness_mean - (n - 1)) <= 0.1 * (n - 1)
+
+
+def test_constant_timing_is_lockstep_round_robin(mnist_small, tiny_mlp):
+    res = train(algorithm="downpour", workers=4, window=2, seed=1, model=tiny_mlp,
+                timing=Timing(model="constant"), **FAST, **mnist_small)
+    commits = [e for e in res.events if e["type"] == "commit"]
+    assert [c["worker"] for c in commits[:12]] == [0, 1, 2, 3] * 3
+    assert {c["staleness"] for c in commits[4:-4]} == {3}
+
+
+def test_jitter_breaks_the_lockstep(mnist_small, tiny_mlp):
+    res = train(algorithm="downpour", workers=4, window=2, seed=1, model=tiny_mlp, **FAST,
+                **mnist_small)
+    commits = [e for e in res.events if e["type"] == "commit"]
+    rounds = [tuple(c["worker"] for c in commits[i:i + 4]) for i in range(0, 40, 4)]
+    assert len(set(rounds)) > 1
+    assert len({c["staleness"] for c in commits}) > 2
+
+
+def test_commit_records_carry_staleness_distance_and_scale(mnist_small, tiny_mlp):
+    res = train(algorithm="adag", workers=3, window=2, seed=1, model=tiny_mlp, **FAST,
+                **mnist_small)
+    commits = [e for e in res.events if e["type"] == "commit"]
+    for c in commits:
+        assert {"worker", "base_version", "version", "staleness", "distance", "scale"} <= set(c)
+        assert c["staleness"] == c["version"] - 1 - c["base_version"]
+        assert 0 < c["scale"] <= 1
+        assert (c["distance"] == 0) == (c["staleness"] == 0)
+
+
+def test_stragglers_commit_less_often(mnist_small, tiny_mlp):
+    res = train(algorithm="agn", workers=4, window=2, seed=1, model=tiny_mlp,
+                timing=Timing(stragglers=1, straggler_factor=3.0), **FAST, **mnist_small)
+    commits = [e for e in res.events if e["type"] == "commit"]
+    # every worker does the same work; the straggler finishes about 3x later
+    done = {e["worker"]: e["t"] for e in res.events if e["type"] == "done"}
+    assert done[0] > 2.5 * max(done[k] for k in (1, 2, 3))
+    # while the others run, the straggler commits a third as often
+    t_fast = max(done[k] for k in (1, 2, 3))
+    early = [c["worker"] for c in commits if c["t"] <= t_fast]
+    assert early.count(0) < 0.5 * early.count(1)
+
+
+def test_crash_is_an_event_and_the_run_finishes(mnist_small, tiny_mlp):
+    res = train(algorithm="agn", workers=3, window=2, seed=1, model=tiny_mlp,
+                timing=Timing(crashes=((1, 0.5),)), **FAST, **mnist_small)
+    faults = [e for e in res.events if e["type"] == "fault"]
+    assert len(faults) == 1 and faults[0]["worker"] == 1 and faults[0]["t"] == 0.5
+    assert res.samples_lost == faults[0]["samples_lost"] > 0
+    assert res.samples + res.samples_lost >= 3000
+    assert not any(e["type"] == "commit" and e["worker"] == 1 and e["t"] > 0.5
+                   for e in res.events)
+
+
+def test_crash_during_a_synchronous_round_releases_the_barrier(mnist_small, tiny_mlp):
+    res = train(algorithm="averaging", workers=3, window=2, seed=1, model=tiny_mlp,
+                timing=Timing(crashes=((2, 0.3),)), **FAST, **mnist_small)
+    rounds = [e for e in res.events if e["type"] == "round"]
+    assert rounds[-1]["workers"] == [0, 1] or sorted(rounds[-1]["workers"]) == [0, 1]
+    assert res.test_accuracy > 0.5
+
+
+def test_server_queue_delays_commits(mnist_small, tiny_mlp):
+    free = train(algorithm="agn", workers=4, window=1, seed=1, model=tiny_mlp, **FAST,
+                 **mnist_small)
+    queued = train(algorithm="agn", workers=4, window=1, seed=1, model=tiny_mlp,
+                   timing=Timing(server_time=0.02), **FAST, **mnist_small)
+    assert queued.virtual_seconds > free.virtual_seconds
+
+
+def test_replica_never_aliases_center_or_other_replicas(tiny_mlp):
+    reps = [Replica(k, tiny_mlp, torch.nn.functional.cross_entropy, "sgd", 0.1) for k in range(2)]
+    center = torch.zeros_like(reps[0].params)
+    ptrs = {t.untyped_storage().data_ptr() for r in reps for t in (r.params, r.base, r.grad)}
+    assert len(ptrs) == 6 and center.untyped_storage().data_ptr() not in ptrs
+    # the module's parameters are views of the replica's flat buffer
+    p0 = next(reps[0].module.parameters())
+    assert p0.untyped_storage().data_ptr() == reps[0].params.untyped_storage().data_ptr()
+    reps[0].params.fill_(1.0)
+    assert torch.all(next(reps[0].module.parameters()) == 1.0)
+    assert not torch.all(next(reps[1].module.parameters()) == 1.0)
+
+
+def test_gradients_land_in_the_flat_buffer(tiny_mlp):
+    rep = Replica(0, tiny_mlp, torch.nn.functional.cross_entropy, "sgd", 0.1)
+    x, y = torch.randn(8, 784, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    rep.gradient(x, y)
+    ref = type(tiny_mlp)()
+    ref.load_state_dict(tiny_mlp.state_dict())
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    torch.testing.assert_close(rep.grad, expected)
+
+
+def test_run_directory_files(mnist_small, tiny_mlp, tmp_path):
+    res = train(algorithm="dynsgd", workers=2, window=2, seed=0, model=tiny_mlp,
+                out=tmp_path / "run", **FAST, **mnist_small)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "events.jsonl", "summary.json", "accuracy.png", "loss.png",
+            "staleness.png"} <= files
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("algorithm", "engine", "workers", "window", "seed", "epochs", "samples",
+                "commits", "wall_seconds", "samples_per_second", "staleness_mean",
+                "staleness_max", "test_accuracy", "test_loss", "train_accuracy", "diverged",
+                "params_sha256", "last_batch_train_accuracy"):
+        assert key in summary, key
+    assert summary["params_sha256"] == res.params_sha256
+    assert summary["samples"] == 3000
+    evals = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()
+             if '"eval"' in line]
+    assert evals[0]["version"] == 0 and evals[-1]["version"] == summary["versions"]
+    assert np.isclose(evals[-1]["test_acc"], summary["test_accuracy"])
+
+
+def test_out_directory_with_a_run_is_not_overwritten(mnist_small, tiny_mlp, tmp_path):
+    from distgrad import ConfigError
+
+    train(algorithm="agn", workers=2, seed=0, model=tiny_mlp, out=tmp_path, **FAST,
+          **mnist_small)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(algorithm="agn", workers=2, seed=0, model=tiny_mlp, out=tmp_path, **FAST,
+              **mnist_small)
+
+
+def test_adag_placements_server_and_worker_are_equal(mnist_small, tiny_mlp):
+    kw = dict(algorithm="adag", workers=4, window=2, seed=9, model=tiny_mlp, **FAST, **mnist_small)
+    on_server = train(params={"placement": "server", "gamma": 1e-3}, **kw)
+    on_worker = train(params={"placement": "worker", "gamma": 1e-3}, track_distance=False, **kw)
+    assert on_server.params_sha256 == on_worker.params_sha256
+    assert on_server.scale_mean < 1.0
+    ev_s = [e for e in on_server.events if e["type"] == "commit"]
+    ev_w = [e for e in on_worker.events if e["type"] == "commit"]
+    assert [e["scale"] for e in ev_s] == [e["scale"] for e in ev_w]
+
+
+def test_label_skewed_shards_give_each_worker_few_classes(mnist_small):
+    from distgrad.data import make_shards
+
+    y = mnist_small["data"][1].numpy()
+    shards = make_shards(y, 10, "label_skewed", 0)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(y)))
+    assert max(len(set(y[s].tolist())) for s in shards) <= 2
+    iid = make_shards(y, 10, "shuffled", 0)
+    assert min(len(set(y[s].tolist())) for s in iid) == 10
+
+
+def test_torch_dataset_and_exponential_timing(mnist_small, tiny_mlp):
+    x, y = mnist_small["data"]
+    ds = torch.utils.data.TensorDataset(x, y)
+    res = train(algorithm="agn", workers=2, window=2, model=tiny_mlp, data=ds,
+                test_data=torch.utils.data.TensorDataset(*mnist_small["test_data"]),
+                timing=Timing(model="exponential"), **FAST)
+    assert res.samples == 3000 and res.test_accuracy > 0.5
+    assert isinstance(res.model, type(tiny_mlp))
+
+
+def test_ensemble_model_averages_members(mnist_small, tiny_mlp):
+    res = train(algorithm="ensemble", workers=3, window=5, seed=1, model=tiny_mlp, **FAST,
+                **mnist_small)
+    members = res.model.members
+    assert len(members) == 3
+    x, y = mnist_small["test_data"]
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+        acc = float((probs.argmax(1) == y).float().mean())
+        assert acc == pytest.approx(res.test_accuracy, abs=1e-6)
+        first = [p.clone() for p in members[0].parameters()]
+        assert not all(torch.equal(a, b) for a, b in zip(first, members[1].parameters(),
+                                                           strict=True))
