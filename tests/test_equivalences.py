@@ -62,9 +62,9 @@ def test_sequential_is_plain_torch_training_bit_for_bit(mnist_small, tiny_mlp):
     ref.load_state_dict(tiny_mlp.state_dict())
     opt = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=False)
     shard = make_shards(y.numpy(), 1, "contiguous", 7)[0]
-    from distgrad.job import _worker_seed
+    from distgrad.job import worker_seed
 
-    for xb, yb in BatchSource(x, y, shard, 64, 1, seed=_worker_seed(7, 0)):
+    for xb, yb in BatchSource(x, y, shard, 64, 1, seed=worker_seed(7, 0)):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(xb), yb).backward()
         opt.step()
@@ -117,11 +117,11 @@ def test_sync_equals_large_batch_sequential(mnist_small, tiny_mlp):
     ref.load_state_dict(tiny_mlp.state_dict())
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     from distgrad.data import make_shards
-    from distgrad.job import _worker_seed
+    from distgrad.job import worker_seed
     from distgrad.worker import BatchSource
 
     shards = make_shards(y.numpy(), 2, "contiguous", 0)
-    its = [iter(BatchSource(x, y, shards[k], 50, 1, seed=_worker_seed(0, k))) for k in range(2)]
+    its = [iter(BatchSource(x, y, shards[k], 50, 1, seed=worker_seed(0, k))) for k in range(2)]
     for (xa, ya), (xb, yb) in zip(*its, strict=True):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(torch.cat([xa, xb])), torch.cat([ya, yb])).backward()

@@ -7,6 +7,7 @@ directory (``config.json``, ``events.jsonl``, ``summary.json``, plots).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,9 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from distgrad.algorithms import RunInfo, get_algorithm
-from distgrad.algorithms.base import AlgorithmConfig
+from distgrad.algorithms.base import Algorithm, AlgorithmConfig
 from distgrad.data import SHARDINGS, Dataset, load_dataset, make_shards
-from distgrad.engines.sim import EvalSchedule, SimEngine
+from distgrad.engines import ENGINES, make_engine
+from distgrad.engines.sim import EvalSchedule
 from distgrad.engines.timing import Timing
 from distgrad.errors import (
     ConfigError,
@@ -39,8 +41,6 @@ from distgrad.models import MODELS, build_model
 from distgrad.optim import INNER_OPTIMIZERS
 from distgrad.server import ParameterServer
 from distgrad.worker import BatchSource, LossFn, Replica, Worker, flatten_parameters
-
-ENGINES = ("sim",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,8 +148,6 @@ class _Ensemble(nn.Module):
 
 
 def _model_with(template: nn.Module, vector: torch.Tensor) -> nn.Module:
-    import copy
-
     m = copy.deepcopy(template)
     trainable = [p for p in m.parameters() if p.requires_grad]
     torch.nn.utils.vector_to_parameters(vector.detach().clone(), trainable)
@@ -179,6 +177,53 @@ def _as_tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype == torch.float64:
         x = x.float()
     return x, y
+
+
+@dataclass
+class RunParts:
+    """What any engine needs to build the server and each worker; picklable, so a worker
+    process can build its own worker from it (tensors go through shared memory)."""
+
+    job: Job
+    dataset: Dataset
+    shards: list[np.ndarray]
+    template: nn.Module
+    loss_fn: LossFn
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return get_algorithm(self.job.algorithm)
+
+    @property
+    def config(self) -> AlgorithmConfig:
+        return self.job.algorithm_config()
+
+    @property
+    def info(self) -> RunInfo:
+        return self.job.run_info()
+
+    def total_samples(self) -> int:
+        return self.job.epochs * sum(len(s) for s in self.shards)
+
+    def initial_center(self) -> torch.Tensor:
+        center, _ = flatten_parameters(copy.deepcopy(self.template))
+        return center.detach().clone()
+
+    def make_server(self, center: torch.Tensor | None = None) -> ParameterServer:
+        """The server with its rule, over ``center`` (default: a fresh copy of the initial one)."""
+        center = self.initial_center() if center is None else center
+        return ParameterServer(center, self.algorithm.server_rule(self.config, self.info),
+                               len(self.shards), track_distance=self.job.track_distance)
+
+    def make_worker(self, k: int, device: str | torch.device = "cpu") -> Worker:
+        """Worker k: its replica, rule and batches (shard k, the job's epochs and seed)."""
+        job = self.job
+        rep = Replica(k, self.template, self.loss_fn, job.inner_optimizer, job.lr,
+                      dict(job.inner_options), seed=job.seed, device=device)
+        batches = BatchSource(self.dataset.x_train, self.dataset.y_train, self.shards[k],
+                              job.batch_size, job.epochs, seed=worker_seed(job.seed, k),
+                              device=device)
+        return Worker(k, rep, self.algorithm.worker_rule(self.config, self.info), batches)
 
 
 def train(
@@ -233,23 +278,11 @@ def train(
     workers = int(job.workers)  # type: ignore[arg-type]
     shards = make_shards(dataset.y_train.numpy(), workers, job.sharding, job.seed)
 
-    # model and algorithm
     template = model if model is not None else build_model(job.model, job.seed)
-    algo = get_algorithm(job.algorithm)
-    config = job.algorithm_config()
-    info = job.run_info()
-    center, _ = flatten_parameters(_detached_copy(template))
-    center = center.detach().clone()
-    server = ParameterServer(center, algo.server_rule(config, info), workers,
-                             track_distance=job.track_distance)
-    worker_list = []
-    for k in range(workers):
-        rep = Replica(k, template, loss_fn, job.inner_optimizer, job.lr,
-                      dict(job.inner_options), seed=job.seed)
-        batches = BatchSource(dataset.x_train, dataset.y_train, shards[k], job.batch_size,
-                              job.epochs, seed=_worker_seed(job.seed, k))
-        worker_list.append(Worker(k, rep, algo.worker_rule(config, info), batches))
-    total_samples = sum(w.batches.total for w in worker_list)
+    parts = RunParts(job=job, dataset=dataset, shards=shards, template=template, loss_fn=loss_fn)
+    server = parts.make_server()
+    center = server.center
+    total_samples = parts.total_samples()
 
     evaluator = Evaluator(template, loss_fn)
     done = [0]
@@ -270,11 +303,11 @@ def train(
     if out_dir is not None:
         _write_json(out_dir / "config.json", {**job.to_dict(), "parameters": len(center),
                                                "samples_total": total_samples})
-    engine = SimEngine(job.timing, job.seed)
+    engine = make_engine(job)
     start = time.perf_counter()
     status = "completed"
     try:
-        end_t = engine.run(server, worker_list, recorder, evals)
+        end_t = engine.run(parts, server, recorder, evals)
     except KeyboardInterrupt:
         status = "interrupted"
         end_t = engine.now
@@ -288,7 +321,7 @@ def train(
     final_test = recorder.of_type("eval")[-1]
     train_m = evaluator.evaluate(server.models(), dataset.x_train, dataset.y_train)
     recorder.close()
-    summary = _summarize(job, config, recorder, server, final_test, train_m, wall, end_t,
+    summary = _summarize(job, parts.config, recorder, server, final_test, train_m, wall, end_t,
                          dataset, status)
     if model is not None:
         summary["model"] = type(model).__name__
@@ -305,14 +338,9 @@ def train(
     return TrainResult(summary=summary, model=trained, events=recorder.events, out=out_dir)
 
 
-def _detached_copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
-
-
-def _worker_seed(seed: int, worker: int) -> list[int]:
-    return [seed, worker, 0xDA7A]  # type: ignore[return-value]
+def worker_seed(seed: int, worker: int) -> list[int]:
+    """Seed material of worker ``worker``'s data order."""
+    return [seed, worker, 0xDA7A]
 
 
 def _prepare_out(out: str | Path | None, overwrite: bool) -> Path | None:

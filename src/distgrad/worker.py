@@ -160,7 +160,7 @@ class BatchSource:
         indices: np.ndarray,
         batch_size: int,
         epochs: int,
-        seed: int,
+        seed: int | list[int],
         shuffle: bool = True,
         device: str | torch.device = "cpu",
     ) -> None:

@@ -1,1 +1,38 @@
-"""Engines start workers and move messages; they never know which algorithm runs."""
+"""Engines start workers and move messages; they never know which algorithm runs.
+
+An engine has ``run(parts, server, recorder, evals) -> end_time``: it builds the
+workers from ``parts`` (:class:`distgrad.job.RunParts`), feeds their requests to
+``server`` (:class:`distgrad.server.ParameterServer`), reports every event to
+``recorder`` and lets ``evals`` evaluate the center as commits land. ``now`` is
+the engine's clock when it stopped (virtual or wall seconds).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from distgrad.errors import choose
+
+if TYPE_CHECKING:
+    from distgrad.engines.sim import EvalSchedule
+    from distgrad.job import Job, RunParts
+    from distgrad.metrics.events import Recorder
+    from distgrad.server import ParameterServer
+
+ENGINES = ("sim",)
+
+
+class Engine(Protocol):
+    name: str
+    now: float
+
+    def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
+            evals: EvalSchedule) -> float: ...
+
+
+def make_engine(job: Job) -> Engine:
+    """The engine the job names, configured from the job."""
+    choose("engine", job.engine, ENGINES)
+    from distgrad.engines.sim import SimEngine
+
+    return SimEngine(job.timing, job.seed)

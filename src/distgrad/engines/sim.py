@@ -19,12 +19,15 @@ from __future__ import annotations
 import heapq
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distgrad.engines.timing import Timing
 from distgrad.metrics.events import Recorder
 from distgrad.server import ParameterServer, RoundRecord
-from distgrad.worker import Commit, Pull, Step, Worker
+from distgrad.worker import Commit, Pull, Step
+
+if TYPE_CHECKING:
+    from distgrad.job import RunParts
 
 
 @dataclass
@@ -63,14 +66,10 @@ class SimEngine:
         self.seed = seed
         self.now = 0.0
 
-    def run(
-        self,
-        server: ParameterServer,
-        workers: list[Worker],
-        recorder: Recorder,
-        evals: EvalSchedule,
-    ) -> float:
+    def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
+            evals: EvalSchedule) -> float:
         """Run every worker to the end of its data; return the final virtual time."""
+        workers = [parts.make_worker(k) for k in range(len(parts.shards))]
         clocks = self.timing.clocks(len(workers), self.seed)
         self.server, self.workers, self.recorder, self.evals = server, workers, recorder, evals
         self.clocks = clocks
