@@ -100,28 +100,49 @@ def _job_from_args(args: argparse.Namespace) -> Any:
         sharding=args.sharding, train_samples=args.train_samples, seed=args.seed,
         eval_every=args.eval_every, timing=timing,
         track_distance=not args.no_distance, record_batches=not args.no_batch_log,
+        threads=args.threads, device=args.device, on_failure=args.on_failure,
+        checkpoint_every=args.checkpoint_every,
     )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+_RUN_MODE_DESTS = {"resume", "replay", "out", "overwrite", "quiet", "func", "command",
+                   "defaults"}
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     from distgrad.job import train
 
-    job = _job_from_args(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"{job.algorithm}-n{job.workers}-{time.strftime('%Y%m%d-%H%M%S')}")
+    call: dict[str, Any] = {}
+    if args.resume or args.replay:
+        if args.resume and args.replay:
+            raise ConfigError("--resume and --replay exclude each other")
+        changed = [d for d, v in args.defaults.items()
+                   if d not in _RUN_MODE_DESTS and getattr(args, d) != v]
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise ConfigError(f"{flag} cannot be combined with --resume/--replay: the job is "
+                              "the one recorded in the run directory")
+    if args.resume:
+        out = Path(args.resume)
+        call["resume"] = out
+        label = f"resume {out.name}"
+    else:
+        if args.replay:
+            call["replay"] = args.replay
+            label = f"replay {Path(args.replay).name}"
+        else:
+            call["job"] = job = _job_from_args(args)
+            label = f"{job.algorithm} n={job.workers}"
+        out = Path(args.out) if args.out else Path("runs") / (
+            f"{label.replace(' ', '-').replace('=', '')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        call.update(out=out, overwrite=args.overwrite)
     bar = None
     progress = None
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=None, unit="sample", unit_scale=True, dynamic_ncols=True, mininterval=1.0,
-                   desc=f"{job.algorithm} n={job.workers}", file=sys.stderr)
+        bar = tqdm(total=None, unit="sample", unit_scale=True, dynamic_ncols=True,
+                   mininterval=1.0, desc=label, file=sys.stderr)
 
         def progress(done: int, total: int) -> None:
             if bar.total is None:
@@ -129,11 +150,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        result = train(job, out=out, overwrite=args.overwrite, progress=progress)
+        result = train(progress=progress, **call)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        sys.stderr.write(f"interrupted; partial run written to {out}\n")
+        hint = (f"; continue with: distgrad train --resume {out}"
+                if (out / "checkpoint.pt").exists() else "")
+        sys.stderr.write(f"interrupted; partial run written to {out}{hint}\n")
         return 130
     if bar is not None:
         bar.close()
@@ -218,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to train")
     g.add_argument("--algorithm", default="adag", metavar="NAME",
                    help=f"one of: {', '.join(names())} (default adag)")
-    g.add_argument("--engine", default="sim", metavar="NAME",
-                   help=f"one of: {', '.join(ENGINES)} (default sim)")
+    g.add_argument("--engine", default="local", metavar="NAME",
+                   help=f"one of: {', '.join(ENGINES)} (default local: one process per "
+                        "worker on this machine; sim: deterministic simulator)")
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="number of workers n (default 2; sequential: 1)")
     g.add_argument("--window", type=int, default=None, metavar="L",
@@ -249,7 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="algorithm hyperparameter, repeatable (e.g. --set gamma=1e-4, "
                         "--set rho=5)")
 
-    g = p.add_argument_group("simulator timing (engine sim)")
+    g = p.add_argument_group("worker processes (engine local)")
+    g.add_argument("--device", default="cpu", metavar="DEV",
+                   help="cpu|cuda: where workers train; cuda assigns GPUs round-robin, the "
+                        "center stays in host shared memory (default cpu)")
+    g.add_argument("--on-failure", default="reassign", metavar="HOW",
+                   help="reassign|drop: what happens to the samples a dead worker had not "
+                        "committed (default reassign: a live worker takes them)")
+    g.add_argument("--checkpoint-every", type=float, default=None, metavar="SEC",
+                   help="snapshot the server (center, rule state, clock) every SEC seconds to "
+                        "DIR/checkpoint.pt")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--replay", metavar="DIR",
+                   help="rerun the sim run recorded in DIR on local worker processes in the "
+                        "recorded commit order (ends with the same params_sha256)")
+
+    g = p.add_argument_group("simulator timing (engine sim; --crash also kills local workers)")
     g.add_argument("--timing", default="lognormal", metavar="MODEL",
                    help=f"step-time model: {'|'.join(TIMING_MODELS)} (default lognormal; "
                         "constant serves workers in lockstep round-robin)")
@@ -262,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--straggler-factor", type=float, default=2.0, metavar="F",
                    help="how much slower the stragglers are (default 2)")
     g.add_argument("--crash", action="append", metavar="W@T",
-                   help="worker W dies at virtual time T; repeatable")
+                   help="worker W dies at time T (sim: virtual; local: SIGKILL after T "
+                        "seconds); repeatable")
     g.add_argument("--commit-time", type=float, default=0.0, metavar="SEC",
                    help="virtual round-trip time of one commit (default 0)")
     g.add_argument("--server-time", type=float, default=0.0, metavar="SEC",
@@ -282,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log every mini-batch (smaller events.jsonl; no notebook-style "
                         "temporal efficiency)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads for the simulator (default: torch's choice)")
+                   help="torch threads: per worker process (local, default 1) or for the "
+                        "whole simulator (sim, default: torch's choice)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+    p.set_defaults(defaults={a.dest: a.default for a in p._actions if a.dest != "help"})
 
     p = sub.add_parser("compare", help="temporal efficiency E(A,B) of two runs and their "
                                        "final accuracies")

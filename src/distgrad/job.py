@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,13 @@ from distgrad.errors import (
     positive_int,
 )
 from distgrad.metrics.evaluate import Evaluator
-from distgrad.metrics.events import Recorder
+from distgrad.metrics.events import Recorder, read_events
 from distgrad.models import MODELS, build_model
 from distgrad.optim import INNER_OPTIMIZERS
 from distgrad.server import ParameterServer
 from distgrad.worker import BatchSource, LossFn, Replica, Worker, flatten_parameters
+
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +75,10 @@ class Job:
     timing: Timing = field(default_factory=Timing)
     track_distance: bool = True
     record_batches: bool = True
+    threads: int | None = None
+    device: str = "cpu"
+    on_failure: str = "reassign"
+    checkpoint_every: float | None = None
 
     def __post_init__(self) -> None:
         algo = get_algorithm(self.algorithm)
@@ -92,6 +98,14 @@ class Job:
         if self.train_samples is not None:
             positive_int("train_samples", self.train_samples)
         positive_float("eval_every", self.eval_every)
+        if self.threads is not None:
+            positive_int("threads", self.threads)
+        choose("device", self.device, DEVICES)
+        if self.device != "cpu" and self.engine == "sim":
+            raise ConfigError(f"device {self.device!r} needs the local engine; sim runs on cpu")
+        choose("on_failure", self.on_failure, ("reassign", "drop"))
+        if self.checkpoint_every is not None:
+            positive_float("checkpoint_every", self.checkpoint_every)
         if "window" in self.params:
             raise ConfigError("pass the window as window=..., not inside params")
         self.algorithm_config()  # validates the hyperparameters
@@ -116,7 +130,19 @@ class Job:
         d["params"] = self.algorithm_config().to_dict()
         d["window"] = d["params"]["window"]
         d["timing"]["crashes"] = [list(c) for c in self.timing.crashes]
+        d["inner_options"] = dict(self.inner_options)
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Job:
+        """Inverse of :meth:`to_dict` (e.g. a run directory's ``config.json``)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        params = dict(values.pop("params", {}))
+        params.pop("window", None)
+        timing = dict(values.pop("timing", {}))
+        timing["crashes"] = tuple(tuple(c) for c in timing.get("crashes", ()))
+        return cls(params=params, timing=Timing(**timing), **values)
 
 
 @dataclass
@@ -236,6 +262,8 @@ def train(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    replay: str | Path | None = None,
+    resume: str | Path | None = None,
     **job_fields: Any,
 ) -> TrainResult:
     """Train and return a :class:`TrainResult` (summary fields as attributes, ``.model``).
@@ -249,11 +277,28 @@ def train(
     ``loss_fn`` (default cross-entropy) replace the named model and dataset.
     ``out`` is the run directory to write. ``progress`` is called as
     ``progress(samples_done, samples_total)``.
+
+    ``replay=DIR`` runs the job recorded in DIR on the ``local`` engine, applying
+    initial pulls and commits in the recorded order (and with the recorded torch
+    thread count), which reproduces the recorded parameters bit for bit.
+    ``resume=DIR`` continues the ``local`` run in DIR from its last checkpoint.
     """
     if isinstance(model, str):
         job_fields["model"] = model
         model = None
-    if job is None:
+    snapshot = schedule = None
+    if resume is not None:
+        if job is not None or job_fields or replay is not None:
+            raise ConfigError("resume continues the job recorded in its directory; "
+                              "pass no other job settings")
+        out, overwrite = resume, True
+        job, snapshot = _load_resume(Path(resume))
+    elif replay is not None:
+        if job is not None or job_fields:
+            raise ConfigError("replay runs the job recorded in its directory; "
+                              "pass no other job settings")
+        job, schedule = _load_replay(Path(replay))
+    elif job is None:
         job = Job(**job_fields)
     elif job_fields:
         job = replace(job, **job_fields)
@@ -281,29 +326,51 @@ def train(
     template = model if model is not None else build_model(job.model, job.seed)
     parts = RunParts(job=job, dataset=dataset, shards=shards, template=template, loss_fn=loss_fn)
     server = parts.make_server()
+    if snapshot is not None:
+        server.load_state_dict(snapshot["server"])
     center = server.center
     total_samples = parts.total_samples()
 
     evaluator = Evaluator(template, loss_fn)
-    done = [0]
+    done = [snapshot["samples"] if snapshot else 0]
 
     def on_batch(n: int) -> None:
         done[0] += n
         if progress is not None:
             progress(done[0], total_samples)
 
-    recorder = Recorder(out_dir / "events.jsonl" if out_dir else None,
-                        record_batches=job.record_batches, on_batch=on_batch)
+    events_path = out_dir / "events.jsonl" if out_dir else None
+    if snapshot is not None and events_path is not None:
+        _truncate_lines(events_path, int(snapshot["events"]))
+    recorder = Recorder(events_path, record_batches=job.record_batches, on_batch=on_batch,
+                        append=snapshot is not None)
+    if snapshot is not None and events_path is not None:
+        recorder.events = read_events(events_path)
+        recorder.samples = int(snapshot["samples"])
+        recorder.samples_committed = int(snapshot["samples_committed"])
+        recorder.commits = int(snapshot["commits"])
+        recorder.note(float(snapshot["t"]), "resume", version=server.version,
+                      center_sha256=server.params_sha256())
 
-    def evaluate(t: float, version: int) -> None:
-        m = evaluator.evaluate(server.models(), dataset.x_test, dataset.y_test)
+    def evaluate(t: float, version: int, vectors: list[torch.Tensor] | None = None) -> None:
+        m = evaluator.evaluate(vectors if vectors is not None else server.models(),
+                               dataset.x_test, dataset.y_test)
         recorder.evaluation(t, version, {"test_loss": m["loss"], "test_acc": m["acc"]})
 
     evals = EvalSchedule(max(1, int(job.eval_every * len(dataset.y_train))), evaluate)
-    if out_dir is not None:
+    if snapshot is not None:
+        while evals.next_at <= recorder.samples_committed:
+            evals.next_at += evals.every_samples
+    threads_used = job.threads or (1 if job.engine == "local" else torch.get_num_threads())
+    if out_dir is not None and snapshot is None:
         _write_json(out_dir / "config.json", {**job.to_dict(), "parameters": len(center),
-                                               "samples_total": total_samples})
-    engine = make_engine(job)
+                                               "samples_total": total_samples,
+                                               "threads_used": threads_used,
+                                               "replay_of": str(replay) if replay else None})
+    engine = make_engine(job, replay=schedule, resume=snapshot,
+                         checkpoint_path=(out_dir / "checkpoint.pt"
+                                          if out_dir is not None and job.checkpoint_every
+                                          else None))
     start = time.perf_counter()
     status = "completed"
     try:
@@ -321,8 +388,11 @@ def train(
     final_test = recorder.of_type("eval")[-1]
     train_m = evaluator.evaluate(server.models(), dataset.x_train, dataset.y_train)
     recorder.close()
+    if job.engine != "sim":
+        wall = end_t  # the engine's clock: real time, continued across a resume
     summary = _summarize(job, parts.config, recorder, server, final_test, train_m, wall, end_t,
                          dataset, status)
+    summary["threads"] = threads_used
     if model is not None:
         summary["model"] = type(model).__name__
     vectors = server.models()
@@ -336,6 +406,49 @@ def train(
     if status == "interrupted":
         raise KeyboardInterrupt(f"interrupted; partial run written to {out_dir}")
     return TrainResult(summary=summary, model=trained, events=recorder.events, out=out_dir)
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def _load_resume(run_dir: Path) -> tuple[Job, dict[str, Any]]:
+    from distgrad.engines.local import read_checkpoint
+
+    job = Job.from_dict(_read_run_config(run_dir))
+    ckpt = run_dir / "checkpoint.pt"
+    if job.engine != "local":
+        raise ConfigError(f"only local-engine runs can be resumed; {str(run_dir)!r} ran on "
+                          f"{job.engine!r}")
+    if not ckpt.exists():
+        raise ConfigError(f"{str(run_dir)!r} has no checkpoint.pt (run it with "
+                          "--checkpoint-every SECONDS)")
+    return job, read_checkpoint(ckpt)
+
+
+def _load_replay(run_dir: Path) -> tuple[Job, list[tuple[str, int]]]:
+    from distgrad.engines.local import replay_schedule
+
+    config = _read_run_config(run_dir)
+    events_path = run_dir / "events.jsonl"
+    if not events_path.exists():
+        raise ConfigError(f"{str(run_dir)!r} has no events.jsonl to replay")
+    recorded = Job.from_dict(config)
+    job = replace(recorded, engine="local", timing=Timing(),
+                  threads=int(config.get("threads_used") or 1))
+    return job, replay_schedule(read_events(events_path))
+
+
+def _truncate_lines(path: Path, lines: int) -> None:
+    """Keep the first ``lines`` lines of a file (events after a checkpoint are undone)."""
+    with path.open("rb") as f:
+        kept = [next(f, b"") for _ in range(lines)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, path)
 
 
 def worker_seed(seed: int, worker: int) -> list[int]:

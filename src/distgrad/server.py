@@ -58,6 +58,7 @@ class ParameterServer:
         rule: ServerRule,
         workers: int,
         track_distance: bool = True,
+        keep_stale: bool | None = None,
     ) -> None:
         if center.dtype != torch.float32 or center.dim() != 1 or not center.is_contiguous():
             raise ValueError("the center must be a contiguous 1-D float32 tensor")
@@ -67,9 +68,14 @@ class ParameterServer:
         self.version = 0
         self.base_version = [0] * workers
         self.active: set[int] = set(range(workers))
-        self.keep_stale = rule.needs_stale_center or (
-            track_distance and not rule.synchronous and not rule.exchange
-        )
+        # An engine whose workers' pull buffers stay readable by the server (shared memory)
+        # passes keep_stale=False and hands that buffer to commit() as stale_center.
+        if keep_stale is None:
+            keep_stale = rule.needs_stale_center or (
+                track_distance and not rule.synchronous and not rule.exchange
+            )
+        self.keep_stale = keep_stale
+        self.track_distance = track_distance
         self._stale: list[torch.Tensor | None] = [None] * workers
         self._round: list[CommitContext] = []
         rule.setup(center, workers)
@@ -116,7 +122,7 @@ class ParameterServer:
         distance: float | None = None
         if rule.exchange:
             distance = 0.0
-        elif stale is not None and not rule.computes_distance:
+        elif stale is not None and self.track_distance and not rule.computes_distance:
             distance = float(torch.dist(self.center, stale))
         metrics = rule.apply(self.center, payload, ctx)
         if "distance" in metrics:

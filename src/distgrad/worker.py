@@ -176,6 +176,21 @@ class BatchSource:
         self.position = 0
         self.device = torch.device(device)
 
+    @classmethod
+    def from_order(cls, x: torch.Tensor, y: torch.Tensor, order: np.ndarray, batch_size: int,
+                   device: str | torch.device = "cpu") -> BatchSource:
+        """Batches over an explicit sequence of indices (a resumed or reassigned shard)."""
+        src = cls.__new__(cls)
+        src.x, src.y, src.batch_size = x, y, batch_size
+        src.order = np.asarray(order, dtype=np.int64)
+        src.position = 0
+        src.device = torch.device(device)
+        return src
+
+    def extend(self, indices: np.ndarray) -> None:
+        """Append more samples to visit (work reassigned from a dead worker)."""
+        self.order = np.concatenate([self.order, np.asarray(indices, dtype=np.int64)])
+
     @property
     def total(self) -> int:
         return len(self.order)

@@ -9,9 +9,9 @@ the engine's clock when it stopped (virtual or wall seconds).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from distgrad.errors import choose
+from distgrad.errors import ConfigError, choose
 
 if TYPE_CHECKING:
     from distgrad.engines.sim import EvalSchedule
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from distgrad.metrics.events import Recorder
     from distgrad.server import ParameterServer
 
-ENGINES = ("sim",)
+ENGINES = ("local", "sim")
 
 
 class Engine(Protocol):
@@ -30,9 +30,20 @@ class Engine(Protocol):
             evals: EvalSchedule) -> float: ...
 
 
-def make_engine(job: Job) -> Engine:
-    """The engine the job names, configured from the job."""
+def make_engine(job: Job, **options: Any) -> Engine:
+    """The engine the job names, configured from the job.
+
+    ``options`` are run modes of the process engine: ``replay`` (a recorded
+    schedule), ``resume`` (a checkpoint) and ``checkpoint_path``.
+    """
     choose("engine", job.engine, ENGINES)
+    if job.engine == "local":
+        from distgrad.engines.local import LocalEngine
+
+        return LocalEngine(job, **options)
     from distgrad.engines.sim import SimEngine
 
-    return SimEngine(job.timing, job.seed)
+    for key in ("replay", "resume"):
+        if options.get(key) is not None:
+            raise ConfigError(f"{key} needs the local engine")
+    return SimEngine(job.timing, job.seed, threads=job.threads)

@@ -21,6 +21,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from distgrad.engines.timing import Timing
 from distgrad.metrics.events import Recorder
 from distgrad.server import ParameterServer, RoundRecord
@@ -61,14 +63,26 @@ class SimEngine:
 
     name = "sim"
 
-    def __init__(self, timing: Timing, seed: int) -> None:
+    def __init__(self, timing: Timing, seed: int, threads: int | None = None) -> None:
         self.timing = timing
         self.seed = seed
+        self.threads = threads
         self.now = 0.0
 
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
         """Run every worker to the end of its data; return the final virtual time."""
+        if self.threads is None:
+            return self._run(parts, server, recorder, evals)
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._run(parts, server, recorder, evals)
+        finally:
+            torch.set_num_threads(old)
+
+    def _run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
+             evals: EvalSchedule) -> float:
         workers = [parts.make_worker(k) for k in range(len(parts.shards))]
         clocks = self.timing.clocks(len(workers), self.seed)
         self.server, self.workers, self.recorder, self.evals = server, workers, recorder, evals
@@ -122,6 +136,7 @@ class SimEngine:
                 return
             if isinstance(req, Pull):
                 st.send = self.server.pull(k, req.into)
+                self.recorder.pull(t, k, st.send)
                 continue
             if isinstance(req, Commit):
                 if self.timing.server_time > 0 and self.server_free > t:

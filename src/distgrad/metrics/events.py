@@ -7,6 +7,7 @@ virtual seconds in the simulator, elapsed wall seconds in real engines):
 * ``commit``  worker, version, base_version, staleness, distance, steps, samples [, scale]
 * ``round``   version, workers, steps, samples — a synchronous round
 * ``eval``    version, samples, test_loss, test_acc — the center on the full test set
+* ``pull``    worker, version — an explicit pull (each worker's first)
 * ``fault``   worker, kind, samples_lost
 * ``done``    worker — a worker finished its data
 
@@ -17,6 +18,7 @@ for a seed. Lines are flushed as they are written: a run that dies keeps its log
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -39,20 +41,25 @@ class Recorder:
         path: Path | None = None,
         record_batches: bool = True,
         on_batch: Callable[[int], None] | None = None,
+        append: bool = False,
     ) -> None:
         self.events: list[dict[str, Any]] = []
         self.record_batches = record_batches
         self.on_batch = on_batch
-        self._file: IO[str] | None = path.open("w", buffering=1) if path is not None else None
+        self._file: IO[str] | None = (
+            path.open("a" if append else "w", buffering=1) if path is not None else None)
+        self._lock = threading.Lock()
         self.samples = 0
         self.samples_committed = 0
         self.commits = 0
         self.last_batch: dict[int, StepStats] = {}
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-        if self._file is not None:
-            self._file.write(json.dumps(event, allow_nan=False, default=_clean) + "\n")
+        line = json.dumps(event, allow_nan=False, default=_clean) + "\n"
+        with self._lock:  # engines may evaluate in a second thread
+            self.events.append(event)
+            if self._file is not None:
+                self._file.write(line)
 
     def close(self) -> None:
         if self._file is not None:
@@ -100,6 +107,14 @@ class Recorder:
     def fault(self, t: float, worker: int, kind: str, samples_lost: int, **extra: Any) -> None:
         self._emit({"type": "fault", "t": t, "worker": worker, "kind": kind,
                     "samples_lost": samples_lost, **extra})
+
+    def pull(self, t: float, worker: int, version: int) -> None:
+        """An explicit pull (a worker's first); later pulls ride on commits."""
+        self._emit({"type": "pull", "t": t, "worker": worker, "version": version})
+
+    def note(self, t: float, kind: str, **fields: Any) -> None:
+        """An engine event (resume, checkpoint, ...)."""
+        self._emit({"type": kind, "t": t, **fields})
 
     def done(self, t: float, worker: int) -> None:
         self._emit({"type": "done", "t": t, "worker": worker})
