@@ -200,3 +200,34 @@ def test_ensemble_model_averages_members(mnist_small, tiny_mlp):
         first = [p.clone() for p in members[0].parameters()]
         assert not all(torch.equal(a, b) for a, b in zip(first, members[1].parameters(),
                                                            strict=True))
+
+
+def test_adag_placements_at_the_server_level():
+    """Placement 2 (the server keeps each worker's pulled center) and placement 1 (the worker
+    sends it) give the same center, commit by commit."""
+    from distgrad.algorithms import RunInfo, get_algorithm
+    from distgrad.server import ParameterServer
+
+    algo = get_algorithm("adag")
+    info = RunInfo(workers=2, lr=1e-3, inner_optimizer="sgd")
+    kept = ParameterServer(torch.tensor([1.0, 2.0, 3.0]),
+                           algo.server_rule(algo.make_config({"placement": "server",
+                                                              "gamma": 0.01}), info), 2)
+    sent = ParameterServer(torch.tensor([1.0, 2.0, 3.0]),
+                           algo.server_rule(algo.make_config({"placement": "worker",
+                                                              "gamma": 0.01}), info), 2,
+                           track_distance=False)
+    assert kept.keep_stale and not sent.keep_stale
+    pulled = {k: torch.empty(3) for k in range(2)}
+    for s in (kept, sent):
+        for k in range(2):
+            s.pull(k, pulled[k] if s is sent else torch.empty(3))
+    deltas = [torch.tensor([0.1, -0.2, 0.05]), torch.tensor([-0.3, 0.1, 0.2])]
+    for step in range(4):
+        k = step % 2
+        a = kept.commit(k, deltas[k].clone(), 1, 1)
+        b = sent.commit(k, deltas[k].clone(), 1, 1, stale_center=pulled[k])
+        assert torch.equal(kept.center, sent.center)
+        assert a.metrics["scale"] == b.metrics["scale"] and a.distance == b.distance
+        kept.pull(k, torch.empty(3))
+        sent.pull(k, pulled[k])

@@ -101,7 +101,7 @@ def _job_from_args(args: argparse.Namespace) -> Any:
         eval_every=args.eval_every, timing=timing,
         track_distance=not args.no_distance, record_batches=not args.no_batch_log,
         threads=args.threads, device=args.device, on_failure=args.on_failure,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, deferred_eval=args.deferred_eval,
     )
 
 
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=float, default=None, metavar="SEC",
                    help="snapshot the server (center, rule state, clock) every SEC seconds to "
                         "DIR/checkpoint.pt")
+    g.add_argument("--deferred-eval", action="store_true",
+                   help="snapshot the center on the --eval-every schedule but evaluate the "
+                        "snapshots after training (no CPU taken from the workers)")
     g.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its last checkpoint")
     g.add_argument("--replay", metavar="DIR",

@@ -53,7 +53,11 @@ class Job:
     ``sequential``, else 2; the algorithm's own λ). ``params`` are the algorithm's
     hyperparameters (``gamma``, ``rho``, ...). ``eval_every`` is in epochs of
     committed samples. ``train_samples`` keeps only the first N training samples
-    (quick experiments); the test set is always complete.
+    (quick experiments); the test set is always complete. Engine settings:
+    ``threads`` (torch threads: whole simulator, or each worker process),
+    ``device``, ``on_failure`` (reassign|drop), ``checkpoint_every`` (seconds) and
+    ``deferred_eval`` (local: snapshot the center on schedule but evaluate the
+    snapshots after training, so evaluation takes no CPU from the workers).
     """
 
     algorithm: str = "adag"
@@ -79,6 +83,7 @@ class Job:
     device: str = "cpu"
     on_failure: str = "reassign"
     checkpoint_every: float | None = None
+    deferred_eval: bool = False
 
     def __post_init__(self) -> None:
         algo = get_algorithm(self.algorithm)
@@ -238,8 +243,11 @@ class RunParts:
     def make_server(self, center: torch.Tensor | None = None) -> ParameterServer:
         """The server with its rule, over ``center`` (default: a fresh copy of the initial one)."""
         center = self.initial_center() if center is None else center
+        # every engine hands the server the worker's pull buffer as the stale center, so the
+        # server keeps no copy of its own
         return ParameterServer(center, self.algorithm.server_rule(self.config, self.info),
-                               len(self.shards), track_distance=self.job.track_distance)
+                               len(self.shards), track_distance=self.job.track_distance,
+                               keep_stale=False)
 
     def make_worker(self, k: int, device: str | torch.device = "cpu") -> Worker:
         """Worker k: its replica, rule and batches (shard k, the job's epochs and seed)."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from distgrad.algorithms.base import CommitContext, ServerRule
+from distgrad.fast import distance as fast_distance
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ class ParameterServer:
 
     ``track_distance`` keeps, per worker, the center it last pulled, so every
     asynchronous commit records ‖θ̃_t − θ̃_{t−τ}‖ (memory: one model per worker).
-    Rules that need that stale center (ADAG placement 2) get it whatever the flag.
+    Rules that need that stale center (ADAG) get it whatever the flag, kept here
+    or sent by the worker. ``keep_stale=False`` is for engines whose workers'
+    pull buffers the server can read (shared memory): they pass that buffer to
+    :meth:`commit` as ``stale_center`` instead.
     """
 
     def __init__(
@@ -71,7 +75,7 @@ class ParameterServer:
         # An engine whose workers' pull buffers stay readable by the server (shared memory)
         # passes keep_stale=False and hands that buffer to commit() as stale_center.
         if keep_stale is None:
-            keep_stale = rule.needs_stale_center or (
+            keep_stale = (rule.needs_stale_center and not rule.stale_from_worker) or (
                 track_distance and not rule.synchronous and not rule.exchange
             )
         self.keep_stale = keep_stale
@@ -110,6 +114,8 @@ class ParameterServer:
             self.base_version[worker] = self.version
         base = self.base_version[worker]
         stale = stale_center if stale_center is not None else self._stale[worker]
+        if not (self.track_distance or rule.needs_stale_center):
+            stale = None
         ctx = CommitContext(
             worker=worker,
             version=self.version,
@@ -123,7 +129,7 @@ class ParameterServer:
         if rule.exchange:
             distance = 0.0
         elif stale is not None and self.track_distance and not rule.computes_distance:
-            distance = float(torch.dist(self.center, stale))
+            distance = fast_distance(self.center, stale)
         metrics = rule.apply(self.center, payload, ctx)
         if "distance" in metrics:
             distance = metrics.pop("distance")

@@ -32,6 +32,7 @@ import torch
 from distgrad.algorithms.agn import NormalizedDeltaWorker
 from distgrad.algorithms.base import Algorithm, AlgorithmConfig, CommitContext, ServerRule
 from distgrad.errors import choose, positive_float
+from distgrad.fast import adag_apply
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +62,11 @@ class ADAGServer(ServerRule):
     """θ̃ ← θ̃ + Δ / (γ⁻¹ (θ̃ − θ̃_{t−τ})² + 1), element-wise."""
 
     computes_distance = True
+    needs_stale_center = True
 
     def __init__(self, config: ADAGConfig, run) -> None:
         super().__init__(config, run)
-        self.needs_stale_center = config.placement == "server"  # type: ignore[misc]
+        self.stale_from_worker = config.placement == "worker"  # type: ignore[misc]
         self._work: torch.Tensor | None = None
 
     def setup(self, center: torch.Tensor, workers: int) -> None:
@@ -74,18 +76,8 @@ class ADAGServer(ServerRule):
         if ctx.stale_center is None:
             raise RuntimeError("ADAG needs the center the worker pulled; none was kept or sent")
         cfg: ADAGConfig = self.config  # type: ignore[assignment]
-        d = torch.sub(center, ctx.stale_center, out=self._work)
-        if cfg.form == "rewrite2":
-            distance = float(torch.linalg.vector_norm(d))
-            d.mul_(1.0 / cfg.gamma).square_()
-        else:
-            d.square_()
-            distance = float(d.sum().sqrt())
-            d.mul_(1.0 / cfg.gamma)
-        d.add_(1.0).reciprocal_()  # d now holds the factor f
-        scale_mean = float(d.mean())
-        payload.mul_(d)
-        center.add_(payload)
+        distance, scale_mean = adag_apply(center, payload, ctx.stale_center, cfg.gamma,
+                                          rewrite2=cfg.form == "rewrite2", work=self._work)
         return {"scale": scale_mean, "distance": distance}
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 import torch
 
 from distgrad.errors import ConfigError, choose, positive_int
+from distgrad.fast import add_scaled
 
 if TYPE_CHECKING:
     from distgrad.worker import Replica
@@ -202,8 +203,11 @@ class ServerRule:
     """Server side of an algorithm: how commits change the center."""
 
     synchronous: ClassVar[bool] = False
-    #: the server keeps θ̃ as each worker pulled it (ADAG placement 2, DC-ASGD backups)
+    #: the rule's arithmetic uses θ̃_{t−τ}, the center as the committing worker pulled it
     needs_stale_center: ClassVar[bool] = False
+    #: ...and the worker sends it with each commit (ADAG placement 1), so the server need
+    #: not keep a copy per worker (placement 2)
+    stale_from_worker: ClassVar[bool] = False
     #: :meth:`apply` returns the metric ``distance`` = ‖θ̃_t − θ̃_{t−τ}‖ itself
     computes_distance: ClassVar[bool] = False
     #: a commit reads the current center atomically (elastic exchange): τ = 0, counts as a pull
@@ -247,13 +251,18 @@ class ServerRule:
 
 
 class AddServer(ServerRule):
-    """θ̃ ← θ̃ + payload (dist-keras' ``DeltaParameterServer``)."""
+    """θ̃ ← θ̃ + payload (dist-keras' ``DeltaParameterServer``).
+
+    The distance to the stale center is measured in the same pass as the add.
+    """
+
+    computes_distance = True
 
     def apply(
         self, center: torch.Tensor, payload: torch.Tensor, ctx: CommitContext
     ) -> dict[str, float]:
-        center.add_(payload)
-        return {}
+        distance = add_scaled(center, payload, 1.0, ctx.stale_center)
+        return {} if distance is None else {"distance": distance}
 
 
 # --------------------------------------------------------------------------- registry entry

@@ -20,6 +20,7 @@ from distgrad.algorithms.base import (
     ServerRule,
     WorkerRule,
 )
+from distgrad.fast import add_scaled
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,10 +33,15 @@ class DynSGDConfig(AlgorithmConfig):
 class StalenessScaledServer(ServerRule):
     """θ̃ ← θ̃ + payload / (τ + 1)."""
 
+    computes_distance = True
+
     def apply(self, center, payload, ctx: CommitContext) -> dict[str, float]:
         scale = 1.0 / (ctx.staleness + 1)
-        center.add_(payload, alpha=scale)
-        return {"scale": scale}
+        distance = add_scaled(center, payload, scale, ctx.stale_center)
+        metrics = {"scale": scale}
+        if distance is not None:
+            metrics["distance"] = distance
+        return metrics
 
 
 ALGORITHM = Algorithm(

@@ -39,6 +39,7 @@ import math
 import os
 import signal
 import struct
+import threading
 import time
 import traceback
 from collections import deque
@@ -81,9 +82,16 @@ class WorkerFailed(RuntimeError):
 def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
                  conn: Connection, device: str, order: np.ndarray | None,
                  threads: int) -> None:
-    """Entry point of worker process k: build the worker, serve its generator over the pipe."""
+    """Entry point of worker process k: build the worker, serve its generator over the pipe.
+
+    A straggler (``k < timing.stragglers``) sleeps ``(straggler_factor − 1)`` times
+    each step's compute time after the step: a real slowdown of the same shape as
+    the simulator's.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orchestrates Ctrl-C
     torch.set_num_threads(threads)
+    timing = parts.job.timing
+    slow = timing.straggler_factor - 1.0 if k < timing.stragglers else 0.0
     try:
         worker = parts.make_worker(k, device=device)
         if order is not None:
@@ -96,6 +104,7 @@ def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
             rep.base, rep.payload = base, payload
         gen = worker.run()
         value: Any = None
+        resumed = time.perf_counter()
         while True:
             try:
                 req = gen.send(value)
@@ -104,6 +113,8 @@ def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
                 return
             value = None
             if isinstance(req, Step):
+                if slow:
+                    time.sleep(slow * (time.perf_counter() - resumed))
                 s = req.stats
                 conn.send_bytes(_STEP_FMT.pack(_STEP, s.loss, s.correct, s.samples))
             elif isinstance(req, Pull):
@@ -124,6 +135,7 @@ def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
                         req.pull_into.copy_(base)
             else:
                 raise TypeError(f"unknown request {req!r}")
+            resumed = time.perf_counter()
     except _Stopped:
         return
     except (EOFError, BrokenPipeError):
@@ -204,6 +216,7 @@ class LocalEngine:
         self.checkpoint_path = checkpoint_path
         self.now = 0.0
         self.interrupted = False
+        self.stop_requested = False
 
     # ------------------------------------------------------------------ run
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
@@ -222,7 +235,9 @@ class LocalEngine:
         torch.set_num_threads(1)  # the parent only copies buffers and evaluates
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distgrad-eval")
         self.slots: list[_Slot] = []
-        old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children inherit SIG_IGN
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:  # children inherit SIG_IGN: Ctrl-C reaches only the parent's handler
+            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for k in range(n):
                 base = torch.zeros_like(server.center).share_memory_()
@@ -244,7 +259,11 @@ class LocalEngine:
                 recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
                               device=devices[k])
         finally:
-            signal.signal(signal.SIGINT, old_sigint)
+            if main_thread:
+                # Ctrl-C only raises a flag, checked between requests, so a commit is never
+                # left half-applied in the center or in a checkpoint
+                signal.signal(signal.SIGINT, self._request_stop)
+        self.deferred: list[tuple[float, int, list[torch.Tensor]]] = []
         try:
             self._maybe_eval()
             self._serve()
@@ -254,9 +273,16 @@ class LocalEngine:
             self._shutdown()
             self.pool.shutdown(wait=True)
             torch.set_num_threads(old_threads)
+            if main_thread:
+                signal.signal(signal.SIGINT, old_sigint)
+        for t, version, vectors in self.deferred:
+            evals.callback(t, version, vectors)
         if self.interrupted:
             raise KeyboardInterrupt
         return self.now
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
 
     def _t(self) -> float:
         self.now = time.perf_counter() - self.t0
@@ -280,6 +306,8 @@ class LocalEngine:
         every = self.job.checkpoint_every
         next_ckpt = self._t() + every if every else math.inf
         while any(s.alive and not s.done for s in self.slots):
+            if self.stop_requested:
+                raise KeyboardInterrupt
             live = [s for s in self.slots if s.alive and not s.done]
             waitables: list[Any] = [s.conn for s in live] + [s.proc.sentinel for s in live]
             timeout = 0.5
@@ -442,12 +470,17 @@ class LocalEngine:
 
     # ------------------------------------------------------------------ evaluation
     def _maybe_eval(self) -> None:
+        """Evaluate a snapshot of the center: in a parent thread while training goes on, or
+        (``deferred_eval``) after the workers are done, so it takes no CPU from them."""
         evals = self.evals
         committed = self.recorder.samples_committed
         if committed < evals.next_at:
             return
         vectors = [m.clone() for m in self.server.models()]
-        self.pool.submit(evals.callback, self._t(), self.server.version, vectors)
+        if self.job.deferred_eval:
+            self.deferred.append((self._t(), self.server.version, vectors))
+        else:
+            self.pool.submit(evals.callback, self._t(), self.server.version, vectors)
         while evals.next_at <= committed:
             evals.next_at += evals.every_samples
 

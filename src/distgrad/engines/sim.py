@@ -84,6 +84,7 @@ class SimEngine:
     def _run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
              evals: EvalSchedule) -> float:
         workers = [parts.make_worker(k) for k in range(len(parts.shards))]
+        self.workers = workers
         clocks = self.timing.clocks(len(workers), self.seed)
         self.server, self.workers, self.recorder, self.evals = server, workers, recorder, evals
         self.clocks = clocks
@@ -160,7 +161,9 @@ class SimEngine:
             st.parked = req
             self._round_done(server.submit(k, req.payload, req.steps, req.samples), t)
             return False
-        rec = server.commit(k, req.payload, req.steps, req.samples, req.stale_center)
+        # the worker's pull buffer is the center as it pulled it: the stale center θ̃_{t−τ}
+        stale = req.stale_center if req.stale_center is not None else self.workers[k].rep.base
+        rec = server.commit(k, req.payload, req.steps, req.samples, stale)
         self.recorder.commit(t, rec)
         self.evals.maybe(t, server.version, self.recorder.samples_committed)
         st.send = server.pull(k, req.pull_into) if req.pull_into is not None else rec.version
