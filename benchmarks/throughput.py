@@ -58,7 +58,7 @@ def _train_loop(rank: int, world: int, steps: int, ddp: bool, port: int, out: mp
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     batches = _batches(rank, steps)
     ends = []
     for x, y in batches:

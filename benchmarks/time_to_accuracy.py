@@ -54,7 +54,7 @@ def _ddp_rank(rank: int, epochs: int, snapshot_samples: int, slow: float, port: 
     d = load_mnist()
     shard = torch.from_numpy(make_shards(d.y_train.numpy(), 2, "shuffled", 0)[rank])
     model = torch.nn.parallel.DistributedDataParallel(build_model("mlp", 0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(rank)
     snaps: list[tuple[float, int, torch.Tensor]] = []
     samples = 0  # global samples, both ranks

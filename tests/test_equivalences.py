@@ -60,7 +60,7 @@ def test_sequential_is_plain_torch_training_bit_for_bit(mnist_small, tiny_mlp):
                 **mnist_small)
     ref = type(tiny_mlp)()
     ref.load_state_dict(tiny_mlp.state_dict())
-    opt = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=False)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3, fused=True)
     shard = make_shards(y.numpy(), 1, "contiguous", 7)[0]
     from distgrad.job import worker_seed
 

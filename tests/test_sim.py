@@ -104,7 +104,7 @@ def test_server_queue_delays_commits(mnist_small, tiny_mlp):
 def test_replica_never_aliases_center_or_other_replicas(tiny_mlp):
     reps = [Replica(k, tiny_mlp, torch.nn.functional.cross_entropy, "sgd", 0.1) for k in range(2)]
     center = torch.zeros_like(reps[0].params)
-    ptrs = {t.untyped_storage().data_ptr() for r in reps for t in (r.params, r.base, r.grad)}
+    ptrs = {t.untyped_storage().data_ptr() for r in reps for t in (r.params, r.base, r.payload)}
     assert len(ptrs) == 6 and center.untyped_storage().data_ptr() not in ptrs
     # the module's parameters are views of the replica's flat buffer
     p0 = next(reps[0].module.parameters())
@@ -114,7 +114,7 @@ def test_replica_never_aliases_center_or_other_replicas(tiny_mlp):
     assert not torch.all(next(reps[1].module.parameters()) == 1.0)
 
 
-def test_gradients_land_in_the_flat_buffer(tiny_mlp):
+def test_flat_gradient_is_the_parameters_gradient(tiny_mlp):
     rep = Replica(0, tiny_mlp, torch.nn.functional.cross_entropy, "sgd", 0.1)
     x, y = torch.randn(8, 784, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
     rep.gradient(x, y)

@@ -237,7 +237,7 @@ class RunParts:
         return self.job.epochs * sum(len(s) for s in self.shards)
 
     def initial_center(self) -> torch.Tensor:
-        center, _ = flatten_parameters(copy.deepcopy(self.template))
+        center = flatten_parameters(copy.deepcopy(self.template))
         return center.detach().clone()
 
     def make_server(self, center: torch.Tensor | None = None) -> ParameterServer:

@@ -1,11 +1,10 @@
 """The worker shell: a model replica over one flat buffer, and the engine-agnostic worker loop.
 
 The replica's parameters are *views* into one private flat float32 buffer
-(``Replica.params``), and their gradients are views into ``Replica.grad``, so a
-pull is one ``copy_`` and a commit is one buffer. The replica never aliases the
-center or another replica: ``params`` is allocated here and only ever written by
-copies (the thesis' own simulator shared one array between the server and every
-worker by accident, see spec/thesis.md §6).
+(``Replica.params``), so a pull is one ``copy_`` and a commit is one buffer. The
+replica never aliases the center or another replica: ``params`` is allocated
+here and only ever written by copies (the thesis' own simulator shared one array
+between the server and every worker by accident, see spec/thesis.md §6).
 
 The worker loop (:meth:`Worker.run`) is a generator that yields requests
 (:class:`Pull`, :class:`Step`, :class:`Commit`) and receives the engine's replies.
@@ -29,13 +28,14 @@ from distgrad.optim import make_inner_optimizer
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def flatten_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move ``module``'s trainable parameters into one flat buffer; return (params, grads).
+def flatten_parameters(module: nn.Module) -> torch.Tensor:
+    """Move ``module``'s trainable parameters into one flat buffer and return it.
 
-    After the call every trainable parameter ``p`` satisfies ``p.data`` is a view
-    of the returned ``params`` and ``p.grad`` a view of the returned ``grads``.
-    Autograd accumulates into an existing ``.grad`` in place, so backward writes
-    straight into the flat gradient buffer (checked by :meth:`Replica.gradient`).
+    After the call every trainable parameter ``p`` has ``p.data`` a view of the
+    returned buffer, so writing the buffer (a pull) writes the model, and the
+    buffer is what a commit sends. Gradients stay ordinary per-parameter tensors
+    (autograd allocates them; accumulating into views of a flat buffer instead
+    costs two extra passes over memory per step).
     """
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
@@ -43,18 +43,15 @@ def flatten_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     dtypes = {p.dtype for p in trainable}
     if dtypes != {torch.float32}:
         raise ValueError(f"distgrad trains float32 parameters only, got {sorted(map(str, dtypes))}")
-    device = trainable[0].device
     total = sum(p.numel() for p in trainable)
-    params = torch.empty(total, dtype=torch.float32, device=device)
-    grads = torch.zeros(total, dtype=torch.float32, device=device)
+    params = torch.empty(total, dtype=torch.float32, device=trainable[0].device)
     offset = 0
     for p in trainable:
         n = p.numel()
         params[offset : offset + n].copy_(p.data.reshape(-1))
         p.data = params[offset : offset + n].view_as(p)
-        p.grad = grads[offset : offset + n].view_as(p)
         offset += n
-    return params, grads
+    return params
 
 
 def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
@@ -69,9 +66,10 @@ def parameter_count(module: nn.Module) -> int:
 class Replica:
     """One worker's model copy, flat buffers and inner optimizer.
 
-    Buffers: ``params`` (θ^k; the module's parameters are views of it), ``grad``,
-    ``base`` (the center as of the last pull), ``payload`` (what is sent), and
-    ``buffers`` for whatever the worker rule keeps (velocity, ...).
+    Buffers: ``params`` (θ^k; the module's parameters are views of it), ``grad``
+    (the last gradient, flat, assembled on access), ``base`` (the center as of the
+    last pull), ``payload`` (what is sent), and ``buffers`` for whatever the worker
+    rule keeps (velocity, ...).
     """
 
     def __init__(
@@ -91,24 +89,24 @@ class Replica:
         self.module = copy.deepcopy(module).to(self.device)
         self.module.train()
         self.loss_fn = loss_fn
-        self.params, self.grad = flatten_parameters(self.module)
+        self.params = flatten_parameters(self.module)
         self._views = [p for p in self.module.parameters() if p.requires_grad]
+        self._grad = torch.zeros_like(self.params)
         self.base = torch.empty_like(self.params)
         self.payload = torch.empty_like(self.params)
         self.buffers: dict[str, torch.Tensor] = {}
         self.lr = lr
-        self.params.grad = self.grad
         self.optimizer = make_inner_optimizer(
-            inner_optimizer, self.params, lr, **dict(inner_options or {})
+            inner_optimizer, self._views, lr, **dict(inner_options or {})
         )
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        """Forward and backward on one batch; the gradient lands in ``self.grad``."""
-        self.grad.zero_()
+        """Forward and backward on one batch; gradients land in the parameters' ``.grad``."""
+        for p in self._views:
+            p.grad = None
         out = self.module(x)
         loss = self.loss_fn(out, y)
         loss.backward()
-        self._check_grad_views()
         with torch.no_grad():
             correct = int((out.argmax(dim=1) == y).sum()) if is_classification(out, y) else 0
         return StepStats(loss=float(loss.detach()), correct=correct, samples=int(y.shape[0]))
@@ -119,20 +117,14 @@ class Replica:
         self.optimizer.step()
         return stats
 
-    def _check_grad_views(self) -> None:
-        # Autograd keeps an existing .grad and adds in place; if a module replaced a
-        # gradient tensor (sparse or strided grads), copy it back into the flat buffer.
-        offset = 0
-        for p in self._views:
-            n = p.numel()
-            view = self.grad[offset : offset + n]
-            if p.grad is None:
-                view.zero_()
-                p.grad = view.view_as(p)
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad.reshape(-1))
-                p.grad = view.view_as(p)
-            offset += n
+    @property
+    def grad(self) -> torch.Tensor:
+        """The last backward's gradient as one flat vector (assembled on access; zeros for
+        parameters that got none). Writing into it does not change the parameters' grads."""
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(),
+                                                                           device=p.device)
+                 for p in self._views]
+        return torch.cat(grads, out=self._grad)
 
     def reinitialize(self, seed_offset: int) -> None:
         """Re-draw the parameters from a seed of their own (ensemble members)."""

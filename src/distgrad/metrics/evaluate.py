@@ -21,7 +21,7 @@ class Evaluator:
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, batch_size: int = 2000) -> None:
         self.module = copy.deepcopy(module).cpu().eval()
-        self.params, _ = flatten_parameters(self.module)
+        self.params = flatten_parameters(self.module)
         self.loss_fn = loss_fn
         self.batch_size = batch_size
 
