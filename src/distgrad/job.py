@@ -236,6 +236,7 @@ def train(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    engine: Any = None,
     **job_fields: Any,
 ) -> TrainResult:
     """Train and return a :class:`TrainResult` (summary fields as attributes, ``.model``).
@@ -248,7 +249,9 @@ def train(
     ``data``/``test_data`` (``(X, y)`` tensors or a torch ``Dataset``) and
     ``loss_fn`` (default cross-entropy) replace the named model and dataset.
     ``out`` is the run directory to write. ``progress`` is called as
-    ``progress(samples_done, samples_total)``.
+    ``progress(samples_done, samples_total)``. ``engine`` is an engine instance
+    configured beyond the job (e.g. ``RayEngine(address="auto")``); by default the
+    job's ``engine`` name is built with its defaults.
     """
     if isinstance(model, str):
         job_fields["model"] = model
@@ -303,7 +306,11 @@ def train(
     if out_dir is not None:
         _write_json(out_dir / "config.json", {**job.to_dict(), "parameters": len(center),
                                                "samples_total": total_samples})
-    engine = make_engine(job)
+    if engine is None:
+        engine = make_engine(job)
+    elif getattr(engine, "name", None) != job.engine:
+        raise ConfigError(f"engine instance {getattr(engine, 'name', engine)!r} does not "
+                          f"match job.engine={job.engine!r}")
     start = time.perf_counter()
     status = "completed"
     try:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from distgrad.metrics.events import Recorder
     from distgrad.server import ParameterServer
 
-ENGINES = ("sim",)
+ENGINES = ("sim", "net", "ray", "spark")
 
 
 class Engine(Protocol):
@@ -31,8 +31,23 @@ class Engine(Protocol):
 
 
 def make_engine(job: Job) -> Engine:
-    """The engine the job names, configured from the job."""
+    """The engine the job names, configured from the job (engines with options of their
+    own — ``net``, ``ray``, ``spark`` — can also be built and passed to ``train(engine=...)``)."""
     choose("engine", job.engine, ENGINES)
+    if job.engine == "net":
+        from distgrad.errors import ConfigError
+
+        raise ConfigError("engine 'net' needs a shared secret and waits for remote workers: "
+                          "start it with `distgrad serve`, or pass "
+                          "engine=NetEngine(secret, ...) to distgrad.train()")
+    if job.engine == "ray":
+        from distgrad.engines.ray import RayEngine
+
+        return RayEngine()
+    if job.engine == "spark":
+        from distgrad.engines.spark import SparkEngine
+
+        return SparkEngine()
     from distgrad.engines.sim import SimEngine
 
     return SimEngine(job.timing, job.seed)
