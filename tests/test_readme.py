@@ -40,6 +40,16 @@ def test_serve_and_work_on_a_laptop(tmp_path: Path) -> None:
     assert (tmp_path / "distgrad.secret").stat().st_mode & 0o077 == 0
 
 
-@pytest.mark.parametrize("name", ["serve-laptop"])
+@pytest.mark.ray
+def test_ray_on_a_laptop(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    r = run_block("ray-laptop", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/ray-demo/summary.json").read_text())
+    assert summary["engine"] == "ray" and summary["samples"] == 6000
+    assert summary["test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("name", ["serve-laptop", "ray-laptop"])
 def test_marked_blocks_exist(name: str) -> None:
     assert readme_block(name).strip()

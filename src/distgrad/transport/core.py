@@ -229,7 +229,9 @@ class ServerCore:
         slot.last_seen = self.clock()
         return self._pull(worker)
 
-    def stats(self, worker: int, attempt: int, seq: int, stats: StepStats) -> None:
+    def stats(self, worker: int, attempt: int, seq: int, stats: StepStats,
+              t: float | None = None) -> None:
+        """One local step of the live attempt (``t``: when it happened, default now)."""
         slot = self._slot(worker, attempt)
         self._seq(slot, seq)
         if stats.samples < 1 or not 0 <= stats.correct <= stats.samples:
@@ -237,7 +239,7 @@ class ServerCore:
         slot.last_seen = self.clock()
         slot.uncommitted += stats.samples
         if self.sink is not None:
-            self.sink.batch(slot.last_seen, worker, stats)
+            self.sink.batch(slot.last_seen if t is None else t, worker, stats)
 
     def commit(self, req: CommitRequest) -> list[CommitReply]:
         """Apply (or park, or re-answer) a commit. Returns the replies now due: the
@@ -332,11 +334,13 @@ class ServerCore:
             self.sink.done(t, worker)
         return self._leave(worker, t)
 
-    def fail(self, worker: int, attempt: int, reason: str) -> list[CommitReply]:
-        """The live attempt reports its own failure; its slot may be taken over."""
+    def fail(self, worker: int, attempt: int, reason: str, kind: str = "error"
+             ) -> list[CommitReply]:
+        """The live attempt failed (it says so, or its engine saw it die: ``kind="crash"``);
+        the slot may be taken over by a new attempt."""
         self._slot(worker, attempt)
         log.warning("worker %d attempt %d failed: %s", worker, attempt, reason)
-        return self._die(worker, "error", reason=reason[:500])
+        return self._die(worker, kind, reason=reason[:500])
 
     def _die(self, worker: int, kind: str, **extra: Any) -> list[CommitReply]:
         t = self.clock()
