@@ -50,6 +50,16 @@ def test_ray_on_a_laptop(tmp_path: Path) -> None:
     assert summary["test_accuracy"] > 0.8
 
 
-@pytest.mark.parametrize("name", ["serve-laptop", "ray-laptop"])
+@pytest.mark.spark
+def test_spark_on_a_laptop(tmp_path: Path) -> None:
+    pytest.importorskip("pyspark", reason="the spark extra is not installed")
+    r = run_block("spark-laptop", tmp_path, extra_env={"PYSPARK_PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/spark-demo/summary.json").read_text())
+    assert summary["engine"] == "spark" and summary["samples"] == 6000
+    assert summary["test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("name", ["serve-laptop", "ray-laptop", "spark-laptop"])
 def test_marked_blocks_exist(name: str) -> None:
     assert readme_block(name).strip()

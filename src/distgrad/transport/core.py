@@ -200,8 +200,8 @@ class ServerCore:
         if attempt <= slot.attempt:
             raise Rejected(f"attempt {attempt} of worker {worker} is stale: attempt "
                            f"{slot.attempt} already joined")
-        if slot.state == "done":
-            raise Rejected(f"worker {worker} already finished its data")
+        # A finished worker may come back (a Spark stage re-run after another task
+        # failed): it resumes at its end, has nothing left to train and says done again.
         if total is not None:
             if slot.total is not None and slot.total != total:
                 raise Rejected(f"worker {worker} reports {total} samples to process, "
@@ -329,8 +329,9 @@ class ServerCore:
         if slot.total is not None and slot.position != slot.total:
             raise Rejected(f"worker {worker} says it is done at sample {slot.position}, "
                            f"but has {slot.total} to process")
+        again = slot.done_at is not None
         slot.state, slot.done_at = "done", t
-        if self.sink is not None:
+        if self.sink is not None and not again:
             self.sink.done(t, worker)
         return self._leave(worker, t)
 
