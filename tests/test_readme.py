@@ -46,7 +46,7 @@ def test_ray_on_a_laptop(tmp_path: Path) -> None:
     r = run_block("ray-laptop", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/ray-demo/summary.json").read_text())
-    assert summary["engine"] == "ray" and summary["samples"] == 6000
+    assert summary["engine"] == "ray" and summary["samples"] == 4000
     assert summary["test_accuracy"] > 0.8
 
 
@@ -56,7 +56,7 @@ def test_spark_on_a_laptop(tmp_path: Path) -> None:
     r = run_block("spark-laptop", tmp_path, extra_env={"PYSPARK_PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/spark-demo/summary.json").read_text())
-    assert summary["engine"] == "spark" and summary["samples"] == 6000
+    assert summary["engine"] == "spark" and summary["samples"] == 4000
     assert summary["test_accuracy"] > 0.8
 
 
