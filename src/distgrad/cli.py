@@ -132,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             label = f"replay {Path(args.replay).name}"
         else:
             call["job"] = job = _job_from_args(args)
+            call["engine"] = _engine_from_args(args, job)
             label = f"{job.algorithm} n={job.workers}"
         out = Path(args.out) if args.out else Path("runs") / (
             f"{label.replace(' ', '-').replace('=', '')}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -213,6 +214,175 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("E > 1: A reaches higher accuracy sooner (area under accuracy-vs-time, "
           "up to the shorter run's end)")
     return 0
+
+
+# --------------------------------------------------------------------------- remote engines
+
+
+def _read_secret(args: argparse.Namespace, create: bool) -> bytes:
+    """The shared secret: ``--secret-file`` (created if missing when ``create``), else the
+    environment variable. Never a command-line value."""
+    import os
+
+    from distgrad.transport.auth import SECRET_ENV, check_secret, read_secret_file
+
+    if args.secret_file:
+        path = Path(args.secret_file)
+        existed = path.exists()
+        secret = read_secret_file(path, create=create)
+        if not existed:
+            sys.stderr.write(f"wrote a new shared secret to {path} (mode 600); give the "
+                             "workers this file or its content in $DISTGRAD_SECRET\n")
+        return secret
+    if os.environ.get(SECRET_ENV):
+        return check_secret(os.environ[SECRET_ENV])
+    raise ConfigError(f"no shared secret: pass --secret-file PATH or set ${SECRET_ENV}")
+
+
+def _engine_from_args(args: argparse.Namespace, job: Any) -> Any:
+    """An engine instance configured from the engine options (None: the job's default)."""
+    if getattr(args, "engine_instance", None) is not None:
+        return args.engine_instance
+    if job.engine == "ray":
+        from distgrad.engines.ray import RayEngine
+
+        return RayEngine(address=args.ray_address, shard_threshold=args.ray_shard_threshold,
+                         shards=args.ray_shards, max_restarts=args.max_restarts)
+    if job.engine == "spark":
+        from distgrad.engines.spark import SparkEngine
+
+        return SparkEngine(master=args.spark_master, max_failures=args.max_restarts + 1)
+    return None
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from distgrad.engines.net import NetEngine
+
+    _configure_logging(args.log_level)
+    args.engine = "net"
+    secret = _read_secret(args, create=True)
+
+    def announce(address: str) -> None:
+        print(f"distgrad server listening on {address}", flush=True)
+        print(f"start workers with: distgrad work --connect {address} "
+              f"{'--secret-file ' + args.secret_file if args.secret_file else ''}".rstrip(),
+              flush=True)
+        if args.address_file:
+            tmp = Path(args.address_file + ".tmp")
+            tmp.write_text(address + "\n")
+            tmp.replace(args.address_file)
+
+    args.engine_instance = NetEngine(
+        secret, bind=args.bind, port=args.port, advertise=args.advertise,
+        integrity=args.integrity, worker_timeout=args.worker_timeout,
+        rejoin_timeout=args.rejoin_timeout, on_listen=announce)
+    return cmd_train(args)
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    from distgrad.transport.client import parse_address
+    from distgrad.transport.worker_main import work
+
+    _configure_logging(args.log_level)
+    parse_address(args.connect)
+    secret = _read_secret(args, create=False)
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be >= 1, got {args.processes}")
+    if args.worker is not None and args.worker < 0:
+        raise ConfigError(f"--worker must be >= 0, got {args.worker}")
+    return work(args.connect, secret, processes=args.processes, worker=args.worker,
+                threads=args.threads or 1, timeout=args.timeout, device=args.device)
+
+
+def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> None:
+    """``train``'s engine options, and the ``serve`` / ``work`` commands."""
+    p = sub.add_parser(
+        "serve", parents=[train_parser], conflict_handler="resolve",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="start a network parameter server for workers on other hosts",
+        description="Start a parameter server that `distgrad work` processes on other hosts "
+                    "join over TCP (SLURM, Kubernetes, SSH). Takes every option of `train`; "
+                    "prints the address to give the workers and writes the run directory "
+                    "when all workers are done.",
+        epilog="example:\n  distgrad serve --algorithm adag --workers 4 --epochs 1 "
+               "--secret-file ~/.distgrad-secret --bind 0.0.0.0 --address-file addr\n"
+               "  distgrad work --connect $(cat addr) --secret-file ~/.distgrad-secret "
+               "--processes 4")
+    g = p.add_argument_group("network server")
+    g.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="interface to listen on (default 127.0.0.1; 0.0.0.0 for other hosts)")
+    g.add_argument("--port", type=int, default=0,
+                   help="TCP port (default 0: the OS chooses a free one)")
+    g.add_argument("--advertise", default=None, metavar="HOST",
+                   help="host name printed for the workers (default: the bind address, or "
+                        "this host's name with --bind 0.0.0.0)")
+    g.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="file holding the shared secret; created (mode 600) if missing. "
+                        "Default: $DISTGRAD_SECRET")
+    g.add_argument("--address-file", default=None, metavar="PATH",
+                   help="also write HOST:PORT to this file (for job scripts)")
+    g.add_argument("--integrity", default="full", choices=("full", "header"),
+                   help="MAC every payload (full, default) or only headers (faster; on "
+                        "trusted networks)")
+    g.add_argument("--worker-timeout", type=float, default=120.0, metavar="SEC",
+                   help="a worker silent this long is declared dead (default 120)")
+    g.add_argument("--rejoin-timeout", type=float, default=None, metavar="SEC",
+                   help="with no worker running, a dead worker not replaced within this time "
+                        "is abandoned and its samples reported lost (default: "
+                        "--worker-timeout)")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning"),
+                   help="server log level on stderr (default info)")
+    # (not engine="net" here: parents share action objects, that would change train's default)
+    p.set_defaults(func=cmd_serve)
+
+    g = train_parser.add_argument_group("ray engine (--engine ray)")
+    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="join an existing Ray cluster ('auto': the one `ray start` made on "
+                        "this host); default: start a local Ray instance")
+    g.add_argument("--ray-shard-threshold", type=int, default=50_000_000, metavar="N",
+                   help="shard the server over several actors when the model has more than N "
+                        "parameters (default 50,000,000)")
+    g.add_argument("--ray-shards", type=int, default=None, metavar="S",
+                   help="number of server shards when sharding (default: one per 25M "
+                        "parameters)")
+    g = train_parser.add_argument_group("spark engine (--engine spark)")
+    g.add_argument("--spark-master", default=None, metavar="URL",
+                   help="Spark master (default: the session spark-submit made, else "
+                        "local[WORKERS])")
+    g = train_parser.add_argument_group("fault tolerance (ray, spark)")
+    g.add_argument("--max-restarts", type=int, default=3, metavar="R",
+                   help="restarts of a failed worker (Ray actor; Spark task attempts - 1) "
+                        "before the run fails (default 3)")
+
+    p = sub.add_parser(
+        "work", help="start worker process(es) that join a `distgrad serve` server",
+        description="Connect to a `distgrad serve` server, authenticate with the shared "
+                    "secret, receive the job, and train this host's share of it.")
+    p.add_argument("--connect", required=True, metavar="HOST:PORT",
+                   help="the address `distgrad serve` printed")
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="file holding the shared secret (default: $DISTGRAD_SECRET)")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="worker processes to start on this host (default 1)")
+    p.add_argument("--worker", type=int, default=None, metavar="K",
+                   help="take worker id K (K..K+N-1 with --processes N), e.g. to replace a "
+                        "dead worker; default: any free id")
+    p.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="torch threads per worker process (default 1)")
+    p.add_argument("--device", default="cpu", help="torch device of the replica (default cpu)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SEC",
+                   help="resend a request the server has not answered after SEC seconds; "
+                        "give up after 3 resends (default 60)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"),
+                   help="log level on stderr (default info)")
+    p.set_defaults(func=cmd_work)
 
 
 # --------------------------------------------------------------------------- parser
@@ -339,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--te-window", type=float, default=5.0, metavar="SEC",
                    help="window of the notebook variant (thesis: 5 s, stride 1 s = window/5)")
     p.set_defaults(func=cmd_compare)
+
+    _add_remote_commands(sub, sub.choices["train"])
     return parser
 
 

@@ -243,11 +243,8 @@ class RunParts:
     def make_server(self, center: torch.Tensor | None = None) -> ParameterServer:
         """The server with its rule, over ``center`` (default: a fresh copy of the initial one)."""
         center = self.initial_center() if center is None else center
-        # every engine hands the server the worker's pull buffer as the stale center, so the
-        # server keeps no copy of its own
         return ParameterServer(center, self.algorithm.server_rule(self.config, self.info),
-                               len(self.shards), track_distance=self.job.track_distance,
-                               keep_stale=False)
+                               len(self.shards), track_distance=self.job.track_distance)
 
     def make_worker(self, k: int, device: str | torch.device = "cpu") -> Worker:
         """Worker k: its replica, rule and batches (shard k, the job's epochs and seed)."""
@@ -272,6 +269,7 @@ def train(
     progress: Callable[[int, int], None] | None = None,
     replay: str | Path | None = None,
     resume: str | Path | None = None,
+    engine: str | Any = None,
     **job_fields: Any,
 ) -> TrainResult:
     """Train and return a :class:`TrainResult` (summary fields as attributes, ``.model``).
@@ -284,7 +282,9 @@ def train(
     ``data``/``test_data`` (``(X, y)`` tensors or a torch ``Dataset``) and
     ``loss_fn`` (default cross-entropy) replace the named model and dataset.
     ``out`` is the run directory to write. ``progress`` is called as
-    ``progress(samples_done, samples_total)``.
+    ``progress(samples_done, samples_total)``. ``engine`` is an engine name or an
+    engine instance configured beyond the job (e.g. ``RayEngine(address="auto")``);
+    by default the job's ``engine`` name is built with its defaults.
 
     ``replay=DIR`` runs the job recorded in DIR on the ``local`` engine, applying
     initial pulls and commits in the recorded order (and with the recorded torch
@@ -294,6 +294,9 @@ def train(
     if isinstance(model, str):
         job_fields["model"] = model
         model = None
+    if isinstance(engine, str):
+        job_fields["engine"] = engine
+        engine = None
     snapshot = schedule = None
     if resume is not None:
         if job is not None or job_fields or replay is not None:
@@ -375,10 +378,14 @@ def train(
                                                "samples_total": total_samples,
                                                "threads_used": threads_used,
                                                "replay_of": str(replay) if replay else None})
-    engine = make_engine(job, replay=schedule, resume=snapshot,
-                         checkpoint_path=(out_dir / "checkpoint.pt"
-                                          if out_dir is not None and job.checkpoint_every
-                                          else None))
+    if engine is None:
+        engine = make_engine(job, replay=schedule, resume=snapshot,
+                             checkpoint_path=(out_dir / "checkpoint.pt"
+                                              if out_dir is not None and job.checkpoint_every
+                                              else None))
+    elif getattr(engine, "name", None) != job.engine:
+        raise ConfigError(f"engine instance {getattr(engine, 'name', engine)!r} does not "
+                          f"match job.engine={job.engine!r}")
     start = time.perf_counter()
     status = "completed"
     try:

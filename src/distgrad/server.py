@@ -84,6 +84,13 @@ class ParameterServer:
         self._round: list[CommitContext] = []
         rule.setup(center, workers)
 
+    def stale_from_engine(self) -> None:
+        """The engine will pass each commit the committing worker's pull buffer as
+        ``stale_center`` (it can read it: same process or shared memory), so the server
+        keeps no copies of its own."""
+        self.keep_stale = False
+        self._stale = [None] * self.workers
+
     # ------------------------------------------------------------------ pulls
     def pull(self, worker: int, into: torch.Tensor) -> int:
         """Copy what ``worker`` pulls into ``into``; return the version pulled."""

@@ -224,6 +224,7 @@ class LocalEngine:
         job = self.job
         n = len(parts.shards)
         self.parts, self.server, self.recorder, self.evals = parts, server, recorder, evals
+        server.stale_from_engine()  # base[k], in shared memory, is the center k pulled
         self.t0 = time.perf_counter() - (self.resume["t"] if self.resume else 0.0)
         orders = self._initial_orders(parts)
         ctx = mp.get_context("spawn")

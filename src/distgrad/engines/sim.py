@@ -85,6 +85,7 @@ class SimEngine:
              evals: EvalSchedule) -> float:
         workers = [parts.make_worker(k) for k in range(len(parts.shards))]
         self.workers = workers
+        server.stale_from_engine()  # a worker's base buffer is the center as it pulled it
         clocks = self.timing.clocks(len(workers), self.seed)
         self.server, self.workers, self.recorder, self.evals = server, workers, recorder, evals
         self.clocks = clocks

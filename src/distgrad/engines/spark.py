@@ -1,0 +1,272 @@
+"""The ``spark`` engine: workers are tasks of a barrier stage over a DataFrame's partitions.
+
+The parameter server runs in the Spark driver (a :class:`~distgrad.transport.server.NetServer`
+thread, the dist-keras deployment done right); each partition is one worker, run as a
+task of a *barrier* stage (all tasks start together, so synchronous algorithms work)
+with ``mapInArrow``: the task reads its partition as Arrow record batches (never row
+by row), builds its replica, and talks to the driver through the authenticated network
+transport. A random secret is made per run and travels to the tasks inside the task
+closure (Spark's own channel: enable ``spark.authenticate`` on shared clusters).
+
+**Task retries** do not double-apply anything: a retried task is a new *attempt* (its
+Spark task attempt id) that fences the old one; it resumes its partition at the first
+sample whose commit the server already applied, with the current center. The
+partition is read again in the same order (the DataFrame is checkpointed once
+before the stage, so every attempt reads the same rows in the same order).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from distgrad.errors import ConfigError, positive_int
+
+if TYPE_CHECKING:
+    from distgrad.engines.sim import EvalSchedule
+    from distgrad.job import RunParts
+    from distgrad.metrics.events import Recorder
+    from distgrad.server import ParameterServer
+
+log = logging.getLogger("distgrad.spark")
+
+
+def import_pyspark() -> Any:
+    try:
+        import pyspark
+    except ImportError:
+        raise ConfigError("the spark engine needs PySpark: pip install 'distgrad[spark]'"
+                          ) from None
+    return pyspark
+
+
+def local_session(master: str, app: str = "distgrad") -> Any:
+    """A SparkSession on this machine, bound to the loopback interface."""
+    import_pyspark()
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    return (SparkSession.builder.master(master).appName(app)
+            .config("spark.driver.host", "127.0.0.1")
+            .config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.ui.enabled", "false")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .getOrCreate())
+
+
+def as_feature_frame(df: Any, features_col: str, label_col: str | None) -> Any:
+    """``features`` as an array column (Spark ML vectors go through Spark's own
+    ``vector_to_array``) and ``label``, renamed to the engine's column names."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import functions as F
+
+    if features_col not in df.columns:
+        raise ConfigError(f"no features column {features_col!r}; columns: {df.columns}")
+    feats = F.col(features_col)
+    if isinstance(df.schema[features_col].dataType, VectorUDT):
+        feats = vector_to_array(feats, dtype="float32")
+    cols = [feats.cast("array<float>").alias("features")]
+    if label_col is not None:
+        if label_col not in df.columns:
+            raise ConfigError(f"no label column {label_col!r}; columns: {df.columns}")
+        cols.append(F.col(label_col).cast("long").alias("label"))
+    return df.select(*cols)
+
+
+def arrow_to_tensors(batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate Arrow record batches (``features`` list<float>, ``label``) into tensors."""
+    xs, ys = [], []
+    width = None
+    for b in batches:
+        if b.num_rows == 0:
+            continue
+        feats = b.column("features")
+        values = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        w = len(values) // b.num_rows
+        if w * b.num_rows != len(values) or (width is not None and w != width):
+            raise ValueError("all rows of the features column must have the same length")
+        width = w
+        xs.append(values.reshape(b.num_rows, w))
+        ys.append(b.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+    if not xs:
+        raise ValueError("empty partition: every worker needs at least one row")
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _task(spec: dict[str, Any]) -> Any:
+    """The function each barrier task runs (over its partition's Arrow batches)."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import BarrierTaskContext
+
+        torch.set_num_threads(1)
+        from distgrad.data import Dataset
+        from distgrad.job import RunParts
+        from distgrad.transport.client import NetClient, run_worker
+
+        ctx = BarrierTaskContext.get()
+        k = ctx.partitionId()
+        attempt = ctx.taskAttemptId()  # unique and increasing within the application
+        x, y = arrow_to_tensors(batches)
+        job = spec["job"]
+        n = job.workers
+        parts = RunParts(job=job, dataset=Dataset("spark", x, y, x[:0], y[:0]),
+                         shards=[np.arange(len(y)) if i == k else np.empty(0, np.int64)
+                                 for i in range(n)],
+                         template=spec["template"], loss_fn=spec["loss_fn"])
+        worker = parts.make_worker(k)
+        with NetClient(spec["address"], spec["secret"], worker=k, attempt=attempt,
+                       total=job.epochs * len(y), timeout=spec["timeout"]) as client:
+            fail = spec.get("inject_failure")
+            if fail is not None and fail[0] == k and client.position == 0:  # first attempt
+                _fail_after(client, fail[1])
+            run_worker(client, worker)
+            yield pa.RecordBatch.from_pydict({
+                "worker": pa.array([k], pa.int64()), "attempt": pa.array([attempt], pa.int64()),
+                "samples": pa.array([client.position], pa.int64())})
+
+    return run
+
+
+def _fail_after(client: Any, commits: int) -> None:
+    """Fault injection: this attempt raises after ``commits`` commits (a crashing task)."""
+    real = client.commit
+    done = [0]
+
+    def commit(*args: Any, **kwargs: Any) -> int:
+        if done[0] == commits:
+            raise RuntimeError(f"injected failure of worker {client.worker} after "
+                               f"{commits} commits")
+        done[0] += 1
+        return real(*args, **kwargs)
+
+    client.commit = commit
+
+
+RESULT_SCHEMA = "worker long, attempt long, samples long"
+
+
+class SparkEngine:
+    """Train over a Spark DataFrame (see the module docstring).
+
+    ``master`` is used only when no SparkSession is active (default ``local[n,f]``:
+    n = workers, f = ``max_failures`` task attempts). ``inject_failure=(worker,
+    commits)`` makes that worker's first attempt raise after that many commits
+    (fault injection for tests and drills).
+    """
+
+    name = "spark"
+
+    def __init__(self, master: str | None = None, *, max_failures: int = 4,
+                 timeout: float = 120.0, inject_failure: tuple[int, int] | None = None,
+                 dataframe: Any = None) -> None:
+        positive_int("max_failures", max_failures)
+        self.master = master
+        self.max_failures = max_failures
+        self.timeout = timeout
+        self.inject_failure = inject_failure
+        self.dataframe = dataframe
+        self.now = 0.0
+        self.results: list[Any] = []
+
+    def session(self, workers: int) -> tuple[Any, bool]:
+        """The active SparkSession, or a new local one (True: this engine made it)."""
+        import_pyspark()
+        from pyspark.sql import SparkSession
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            return active, False
+        if self.master is None and os.environ.get("PYSPARK_GATEWAY_PORT"):
+            # launched by spark-submit: its --master and --conf hold; the session is theirs
+            return SparkSession.builder.appName("distgrad").getOrCreate(), False
+        master = self.master or f"local[{workers},{self.max_failures}]"
+        return local_session(master), True
+
+    def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
+            evals: EvalSchedule) -> float:
+        spark, made = self.session(len(parts.shards))
+        try:
+            df = self.dataframe if self.dataframe is not None else shards_frame(spark, parts)
+            return self.train_frame(spark, df, parts.job, parts.template, parts.loss_fn,
+                                    server, recorder, evals)
+        finally:
+            if made:
+                spark.stop()
+
+    def train_frame(self, spark: Any, df: Any, job: Any, template: Any, loss_fn: Any,
+                    server: ParameterServer, recorder: Recorder, evals: EvalSchedule) -> float:
+        """Run the barrier stage over ``df`` (columns ``features`` array<float>, ``label``),
+        one partition per worker, serving the commits on this driver."""
+        from distgrad.transport.auth import new_secret
+        from distgrad.transport.core import ServerCore
+        from distgrad.transport.server import NetServer
+
+        workers = int(job.workers)
+        if df.rdd.getNumPartitions() != workers:
+            df = df.repartition(workers)
+        # Materialise the partitions once: a barrier stage may not contain unions or
+        # coalesces, and a retried task must read its partition in the same order (a
+        # shuffle read's order may change between attempts; checkpointed blocks do not).
+        df = df.localCheckpoint(eager=True)
+        start = time.perf_counter()
+
+        def clock() -> float:
+            return time.perf_counter() - start
+
+        host = spark.conf.get("spark.driver.host", "127.0.0.1")
+        local = spark.sparkContext.master.startswith("local")
+        secret = new_secret()
+        core = ServerCore(server, recorder, clock, on_update=evals.maybe)
+        net = NetServer(core, secret, bind="127.0.0.1" if local else "0.0.0.0",
+                        advertise="127.0.0.1" if local else host,
+                        worker_timeout=max(self.timeout * 4, 600.0))
+        spec = {"job": job, "template": template, "loss_fn": loss_fn, "address": net.address,
+                "secret": secret, "timeout": self.timeout,
+                "inject_failure": self.inject_failure}
+        thread = net.serve_in_thread()
+        try:
+            evals.maybe(0.0, server.version, 0)
+            # The shuffle after the barrier stage makes it a ShuffleMapStage, which Spark
+            # re-runs as a whole when a task fails (a failed barrier ResultStage is final).
+            self.results = (df.mapInArrow(_task(spec), RESULT_SCHEMA, barrier=True)
+                            .repartition(1).collect())
+        finally:
+            net.stop()
+            thread.join(60)
+            net.close()
+        if net.error is not None:
+            raise RuntimeError(f"the parameter server failed: {net.error}") from net.error
+        unfinished = [k for k, s in enumerate(core.slots) if s.state != "done"]
+        if unfinished:
+            raise RuntimeError(f"the Spark job ended but workers {unfinished} did not finish")
+        self.now = clock()
+        return self.now
+
+
+def shards_frame(spark: Any, parts: RunParts) -> Any:
+    """The job's training shards as a DataFrame with exactly one partition per worker, in
+    shard order, so each task trains on the same samples in the same order as in ``sim``."""
+    import pandas as pd
+
+    x, y = parts.dataset.x_train.numpy(), parts.dataset.y_train.numpy()
+    frames = []
+    for shard in parts.shards:
+        pdf = pd.DataFrame({"features": list(x[shard].astype(np.float32)),
+                            "label": y[shard].astype(np.int64)})
+        frames.append(spark.createDataFrame(pdf, "features array<float>, label long")
+                      .coalesce(1))
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.union(f)
+    return df  # exactly one partition per shard; the engine checkpoints it

@@ -1,0 +1,264 @@
+"""Spark API in the spirit of dist-keras: train from a DataFrame, predict and evaluate on one.
+
+::
+
+    from distgrad.spark import SparkTrainer, SparkPredictor, SparkEvaluator
+
+    trainer = SparkTrainer(model, algorithm="adag", workers=4, window=12, epochs=3)
+    model, result = trainer.fit(train_df, validation=test_df)     # or a Parquet path
+    scored = SparkPredictor(model).transform(test_df)             # adds "prediction"
+    SparkEvaluator(model).evaluate(test_df)                        # {"accuracy", "loss", ...}
+
+The DataFrame has a ``features`` column — an array of numbers, or a Spark ML vector
+made by Spark ML's own transformers (``VectorAssembler``, ``StandardScaler``,
+``MinMaxScaler``, ``OneHotEncoder``...) — and a numeric ``label`` column (e.g. from
+``StringIndexer``). distgrad writes no feature transformers of its own. Training runs
+on the ``spark`` engine (:mod:`distgrad.engines.spark`); prediction and evaluation run
+the model over Arrow/pandas batches in each partition (never row by row), and the
+predictor works on streaming DataFrames too.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distgrad.engines.spark import SparkEngine, as_feature_frame, import_pyspark
+from distgrad.errors import ConfigError, positive_int
+
+
+def _frame(spark: Any, data: Any) -> Any:
+    if isinstance(data, str | Path):
+        return spark.read.parquet(str(data))
+    return data
+
+
+def _session() -> Any:
+    import_pyspark()
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        raise ConfigError("no active SparkSession: create one (SparkSession.builder...) "
+                          "before using the distgrad Spark API")
+    return spark
+
+
+def _model_fn(model: nn.Module, batch_size: int) -> Callable[[np.ndarray], torch.Tensor]:
+    model = copy.deepcopy(model).cpu().eval()
+
+    @torch.no_grad()
+    def outputs(x: np.ndarray) -> torch.Tensor:
+        torch.set_num_threads(1)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return torch.cat([model(t[i:i + batch_size]) for i in range(0, len(t), batch_size)])
+
+    return outputs
+
+
+def _features(series: Any) -> np.ndarray:
+    return np.stack(series.to_numpy()).astype(np.float32, copy=False)
+
+
+class SparkTrainer:
+    """Train ``model`` data-parallel on a Spark DataFrame with any distgrad algorithm.
+
+    ``workers`` partitions are trained as the workers of a barrier stage; the server
+    runs in this driver. Other keywords are :class:`distgrad.Job` fields
+    (``window``, ``epochs``, ``batch_size``, ``lr``, ``inner_optimizer``, ``params``,
+    ``seed``, ``eval_every``...). ``out`` writes a run directory like ``distgrad train``.
+    """
+
+    def __init__(self, model: nn.Module, algorithm: str = "adag", workers: int = 2, *,
+                 features_col: str = "features", label_col: str = "label",
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 out: str | Path | None = None, max_failures: int = 4,
+                 eval_rows: int = 2000, engine: SparkEngine | None = None,
+                 **job_fields: Any) -> None:
+        from distgrad.job import Job
+
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.features_col, self.label_col = features_col, label_col
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.out = out
+        self.eval_rows = positive_int("eval_rows", eval_rows)
+        self.job = Job(algorithm=algorithm, workers=workers, engine="spark", **job_fields)
+        self.engine = engine or SparkEngine(max_failures=max_failures)
+
+    def fit(self, data: Any, validation: Any = None) -> tuple[nn.Module, Any]:
+        """Train on ``data`` (a DataFrame or a Parquet path); return (trained model, result).
+
+        ``validation`` (DataFrame or path) is collected to the driver to evaluate the
+        center during training; without it the first ``eval_rows`` training rows are
+        used, and the summary says so.
+        """
+        from distgrad.data import Dataset
+        from distgrad.engines.sim import EvalSchedule
+        from distgrad.job import RunParts, TrainResult, _model_with, _prepare_out, _summarize
+        from distgrad.metrics.evaluate import Evaluator
+        from distgrad.metrics.events import Recorder
+
+        spark = _session()
+        df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col)
+        rows = df.count()
+        if rows < int(self.job.workers):  # type: ignore[arg-type]
+            raise ConfigError(f"{rows} training rows for {self.job.workers} workers")
+        evaluated_on = "validation DataFrame"
+        if validation is None:
+            val = df.limit(self.eval_rows)
+            evaluated_on = f"first {self.eval_rows} training rows (no validation DataFrame)"
+        else:
+            val = as_feature_frame(_frame(spark, validation), self.features_col,
+                                   self.label_col)
+        pdf = val.toPandas()
+        x_val = torch.from_numpy(_features(pdf["features"]))
+        y_val = torch.from_numpy(pdf["label"].to_numpy().astype(np.int64))
+        dataset = Dataset("spark", x_val[:1], y_val[:1], x_val, y_val)  # (classes: labels)
+        out_dir = _prepare_out(self.out, overwrite=False)
+        parts = RunParts(job=self.job, dataset=dataset,
+                         shards=[np.empty(0, np.int64)] * int(self.job.workers),  # type: ignore[arg-type]
+                         template=self.model, loss_fn=self.loss_fn)
+        server = parts.make_server()
+        evaluator = Evaluator(self.model, self.loss_fn)
+        recorder = Recorder(out_dir / "events.jsonl" if out_dir else None,
+                            record_batches=self.job.record_batches)
+
+        def evaluate(t: float, version: int) -> None:
+            m = evaluator.evaluate(server.models(), x_val, y_val)
+            recorder.evaluation(t, version, {"test_loss": m["loss"], "test_acc": m["acc"]})
+
+        evals = EvalSchedule(max(1, int(self.job.eval_every * rows)), evaluate)
+        start = time.perf_counter()
+        end_t = self.engine.train_frame(spark, df, self.job, self.model, self.loss_fn, server,
+                                        recorder, evals)
+        wall = time.perf_counter() - start
+        if not recorder.of_type("eval") or recorder.of_type("eval")[-1]["version"] != \
+                server.version:
+            evaluate(end_t, server.version)
+        trained = _model_with(self.model, server.models()[0])
+        train_m = SparkEvaluator(trained, loss_fn=self.loss_fn).evaluate(df)
+        recorder.close()
+        summary = _summarize(self.job, parts.config, recorder, server,
+                             recorder.of_type("eval")[-1],
+                             {"acc": train_m["accuracy"], "loss": train_m["loss"]}, wall, end_t,
+                             dataset, "completed")
+        summary.update(model=type(self.model).__name__, rows=rows, evaluated_on=evaluated_on)
+        if out_dir is not None:
+            import json
+
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return trained, TrainResult(summary=summary, model=trained, events=recorder.events,
+                                    out=out_dir)
+
+
+class SparkPredictor:
+    """Adds ``output_col`` (the predicted class, as Spark ML writes it: a double) and, with
+    ``probability_col``, the softmax probabilities; batch and streaming DataFrames alike."""
+
+    def __init__(self, model: nn.Module, *, features_col: str = "features",
+                 output_col: str = "prediction", probability_col: str | None = None,
+                 batch_size: int = 1024) -> None:
+        self.model = model
+        self.features_col = features_col
+        self.output_col = output_col
+        self.probability_col = probability_col
+        self.batch_size = positive_int("batch_size", batch_size)
+
+    def transform(self, df: Any) -> Any:
+        from pyspark.ml.functions import vector_to_array
+        from pyspark.ml.linalg import VectorUDT
+        from pyspark.sql import functions as sf
+        from pyspark.sql.types import ArrayType, DoubleType, StructField, StructType
+
+        if self.features_col not in df.columns:
+            raise ConfigError(f"no features column {self.features_col!r}; columns: "
+                              f"{df.columns}")
+        tmp = "__distgrad_features"
+        feats = sf.col(self.features_col)
+        if isinstance(df.schema[self.features_col].dataType, VectorUDT):
+            feats = vector_to_array(feats, dtype="float32")
+        df2 = df.withColumn(tmp, feats.cast("array<float>"))
+        fields = [*df.schema.fields, StructField(self.output_col, DoubleType())]
+        if self.probability_col:
+            fields.append(StructField(self.probability_col, ArrayType(DoubleType())))
+        schema = StructType(fields)
+        outputs = _model_fn(self.model, self.batch_size)
+        keep = list(df.columns)
+        out_col, prob_col = self.output_col, self.probability_col
+
+        def predict(batches: Iterator[Any]) -> Iterator[Any]:
+            for pdf in batches:
+                if len(pdf) == 0:
+                    continue
+                out = outputs(_features(pdf[tmp]))
+                res = pdf[keep].copy()
+                res[out_col] = out.argmax(dim=1).double().numpy()
+                if prob_col:
+                    res[prob_col] = list(F.softmax(out, dim=1).double().numpy())
+                yield res
+
+        return df2.mapInPandas(predict, schema)
+
+
+class SparkEvaluator:
+    """Accuracy and mean loss of ``model`` over a DataFrame, computed in the partitions
+    (batches of ``batch_size``) and summed on the driver: one Spark job."""
+
+    def __init__(self, model: nn.Module, *, features_col: str = "features",
+                 label_col: str = "label",
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 batch_size: int = 1024) -> None:
+        self.model = model
+        self.features_col, self.label_col = features_col, label_col
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.batch_size = positive_int("batch_size", batch_size)
+
+    def evaluate(self, data: Any) -> Mapping[str, float]:
+        spark = _session()
+        df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col)
+        outputs = _model_fn(self.model, self.batch_size)
+        loss_fn = self.loss_fn
+
+        def partial(batches: Iterator[Any]) -> Iterator[Any]:
+            import pandas as pd
+
+            for pdf in batches:
+                if len(pdf) == 0:
+                    continue
+                out = outputs(_features(pdf["features"]))
+                y = torch.from_numpy(pdf["label"].to_numpy().astype(np.int64))
+                loss = float(loss_fn(out, y)) * len(y)
+                correct = int((out.argmax(dim=1) == y).sum())
+                yield pd.DataFrame({"n": [len(y)], "correct": [correct], "loss": [loss]})
+
+        row = (df.mapInPandas(partial, "n long, correct long, loss double")
+               .groupBy().sum().collect()[0])
+        n = row["sum(n)"] or 0
+        if n == 0:
+            raise ConfigError("cannot evaluate on an empty DataFrame")
+        return {"accuracy": row["sum(correct)"] / n, "loss": row["sum(loss)"] / n,
+                "count": float(n)}
+
+
+def accuracy(df: Any, prediction_col: str = "prediction", label_col: str = "label") -> float:
+    """Fraction of rows whose prediction equals the label (one Spark aggregation)."""
+    from pyspark.sql import functions as sf
+
+    row = df.select(sf.avg((sf.col(prediction_col) == sf.col(label_col)).cast("double"))
+                    .alias("acc")).collect()[0]
+    if row["acc"] is None:
+        raise ConfigError("cannot compute accuracy on an empty DataFrame")
+    return float(row["acc"])
+
+
+__all__ = ["SparkEvaluator", "SparkPredictor", "SparkTrainer", "accuracy"]

@@ -1,0 +1,139 @@
+"""``net`` engine end to end: the same run as ``sim``, remote workers that resume, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from distgrad import train
+from distgrad.engines.net import NetEngine
+from distgrad.errors import ConfigError
+from distgrad.job import Job
+from distgrad.transport.client import NetClient, RemoteError, run_worker
+from distgrad.transport.jobspec import job_from_dict, parts_from_job
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+SMALL = dict(model="mlp", train_samples=600, batch_size=60, epochs=1, eval_every=0.5)
+
+
+def serve_in_thread(job: Job, **engine_kw) -> tuple[NetEngine, threading.Thread, dict, str]:
+    ready = threading.Event()
+    addresses: list[str] = []
+    out: dict = {}
+
+    def on_listen(address: str) -> None:
+        addresses.append(address)
+        ready.set()
+
+    engine = NetEngine(SECRET, on_listen=on_listen, **engine_kw)
+
+    def target() -> None:
+        try:
+            out["result"] = train(job, engine=engine)
+        except BaseException as exc:
+            out["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    assert ready.wait(120)
+    assert "error" not in out, out.get("error")
+    return engine, thread, out, addresses[0]
+
+
+def remote_worker(address: str, worker: int | None = None, stop_after: int | None = None
+                  ) -> None:
+    with NetClient(address, SECRET, worker=worker, timeout=30) as client:
+        job = job_from_dict(client.info["job"])
+        w = parts_from_job(job).make_worker(client.worker)
+        if stop_after is not None:  # die after a few commits, as a killed process would
+            commits = [0]
+            real = client.commit
+
+            def commit(*a, **kw):
+                if commits[0] == stop_after:
+                    raise KeyboardInterrupt("killed")
+                commits[0] += 1
+                return real(*a, **kw)
+
+            client.commit = commit  # type: ignore[method-assign]
+        run_worker(client, w)
+
+
+def test_job_travels_as_json_and_comes_back_equal() -> None:
+    job = Job(algorithm="adag", params={"gamma": 1e-3}, workers=3, window=4, engine="net",
+              **SMALL)
+    assert job_from_dict(job.to_dict()).to_dict() == job.to_dict()
+    with pytest.raises(ConfigError, match="fields this distgrad does not know: bogus"):
+        job_from_dict({**job.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("algorithm", ["agn", "aeasgd"])
+def test_one_remote_worker_gives_the_sim_parameters_bit_for_bit(algorithm: str) -> None:
+    sim = train(Job(algorithm=algorithm, workers=1, window=3, seed=4, **SMALL))
+    job = Job(algorithm=algorithm, workers=1, window=3, seed=4, engine="net", **SMALL)
+    _, thread, out, address = serve_in_thread(job)
+    remote_worker(address)
+    thread.join(120)
+    net = out["result"]
+    assert net.params_sha256 == sim.params_sha256
+    assert net.commits == sim.commits and net.samples == sim.samples == 600
+    assert [e["version"] for e in net.events if e["type"] == "commit"] == \
+        [e["version"] for e in sim.events if e["type"] == "commit"]
+
+
+def test_a_dead_worker_is_replaced_and_no_window_is_applied_twice(caplog) -> None:
+    job = Job(algorithm="agn", workers=2, window=2, seed=1, engine="net", **SMALL)
+    _, thread, out, address = serve_in_thread(job, worker_timeout=60)
+    other = threading.Thread(target=remote_worker, args=(address, 1))
+    other.start()
+    with pytest.raises(KeyboardInterrupt):
+        remote_worker(address, worker=0, stop_after=1)
+    remote_worker(address, worker=0)  # started again: attempt 1 resumes at the position
+    other.join(120)
+    thread.join(120)
+    res = out["result"]
+    commits = [e for e in res.events if e["type"] == "commit"]
+    per_worker = {k: sum(c["samples"] for c in commits if c["worker"] == k) for k in (0, 1)}
+    assert per_worker == {0: 300, 1: 300}  # every sample committed exactly once
+    faults = [e for e in res.events if e["type"] == "fault"]
+    assert [(f["worker"], f["kind"]) for f in faults] == [(0, "error")]
+    assert res.samples_lost == faults[0]["samples_lost"] > 0  # trained, never committed
+    assert res.test_accuracy > 0.5
+
+
+def test_custom_models_cannot_travel(tiny_mlp) -> None:
+    job = Job(algorithm="agn", workers=1, engine="net", **SMALL)
+    with pytest.raises(ConfigError, match="custom model"):
+        train(job, model=tiny_mlp, engine=NetEngine(SECRET))
+
+
+def test_rejected_worker_id_is_named() -> None:
+    job = Job(algorithm="agn", workers=1, window=3, engine="net", **SMALL)
+    _, thread, out, address = serve_in_thread(job)
+    with pytest.raises(RemoteError, match="worker id 5 out of range"):
+        NetClient(address, SECRET, worker=5, timeout=10)
+    remote_worker(address)
+    thread.join(120)
+    assert out["result"].samples == 600
+
+
+def test_cli_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "distgrad", "work", "--connect", "127.0.0.1:1"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "no shared secret: pass --secret-file PATH or set $DISTGRAD_SECRET" in r.stderr
+    secret = tmp_path / "s"
+    secret.write_text("x" * 40)
+    secret.chmod(0o644)
+    r = subprocess.run([sys.executable, "-m", "distgrad", "work", "--connect", "127.0.0.1:1",
+                        "--secret-file", str(secret)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2 and "readable by others" in r.stderr
+    assert torch is not None
