@@ -302,8 +302,7 @@ class LocalEngine:
 
     # ------------------------------------------------------------------ serving loop
     def _serve(self) -> None:
-        crashes = sorted((t, w) for w, t in self.job.timing.crashes) if self.job.engine == \
-            "local" else []
+        crashes = sorted((t, w) for w, t in self.job.timing.crashes)  # injected SIGKILLs
         every = self.job.checkpoint_every
         next_ckpt = self._t() + every if every else math.inf
         while any(s.alive and not s.done for s in self.slots):
