@@ -100,6 +100,8 @@ def _job_from_args(args: argparse.Namespace) -> Any:
         sharding=args.sharding, train_samples=args.train_samples, seed=args.seed,
         eval_every=args.eval_every, timing=timing,
         track_distance=not args.no_distance, record_batches=not args.no_batch_log,
+        compression=args.compress, error_feedback=not args.no_error_feedback,
+        momentum_target=args.momentum_target,
     )
 
 
@@ -197,6 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from distgrad.algorithms import names
+    from distgrad.compression import CODECS
     from distgrad.data import DATASETS, SHARDINGS
     from distgrad.engines.timing import TIMING_MODELS
     from distgrad.job import ENGINES
@@ -248,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="algorithm hyperparameter, repeatable (e.g. --set gamma=1e-4, "
                         "--set rho=5)")
+
+    g = p.add_argument_group("commits")
+    g.add_argument("--compress", default="none", metavar="CODEC",
+                   help=f"compress every commit: {'|'.join(CODECS)} (default none; int8 has "
+                        "one scale per parameter tensor); bytes per commit go to the events "
+                        "and summary.json")
+    g.add_argument("--no-error-feedback", action="store_true",
+                   help="do not carry what compression lost into the next commit")
+    g.add_argument("--momentum-target", type=float, default=None, metavar="MU",
+                   help="EXPERIMENTAL, asynchronous algorithms: set the inner optimizer's "
+                        "momentum (sgd momentum, adam beta1) to max(MU - (1 - 1/n), 0) so "
+                        "explicit + implicit momentum stays near MU")
 
     g = p.add_argument_group("simulator timing (engine sim)")
     g.add_argument("--timing", default="lognormal", metavar="MODEL",
