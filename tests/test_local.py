@@ -41,10 +41,11 @@ def kill_worker_when(fraction: float, worker: int):
 
 @pytest.mark.parametrize("name", names())
 def test_every_algorithm_runs_on_local_in_the_sim_band(name, mnist_small, tiny_mlp):
+    from test_contract import window_for
+
     n = get_algorithm(name).exact_workers or 2
-    window = 1 if name == "sync" else 4
-    kw = dict(algorithm=name, workers=n, window=window, seed=4, model=tiny_mlp, **SMALL,
-              **mnist_small)
+    kw = dict(algorithm=name, workers=n, window=window_for(name), seed=4, model=tiny_mlp,
+              **SMALL, **mnist_small)
     local = train(engine="local", **kw)
     sim = train(engine="sim", **kw)
     assert local.samples == sim.samples == 2 * 3000
@@ -232,3 +233,39 @@ def test_ctrl_c_stops_every_process_writes_the_run_and_resumes(tmp_path):
     lines = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert sum(e["samples"] for e in lines if e["type"] == "commit") == 2 * 6000
     assert Path(out / "accuracy.png").exists()
+
+
+def test_ssp_gate_holds_the_fast_worker_on_real_processes(mnist_small, tiny_mlp):
+    bound = 1
+    res = train(algorithm="ssp", engine="local", workers=2, window=2, seed=1, model=tiny_mlp,
+                epochs=2, batch_size=32, params={"bound": bound}, eval_every=100.0,
+                timing=Timing(stragglers=1, straggler_factor=4.0), **mnist_small)
+    clocks = {0: 0, 1: 0}
+    lead = []
+    for e in res.events:
+        if e["type"] == "commit":
+            clocks[e["worker"]] += 1
+        elif e["type"] == "done":
+            break
+        lead.append(clocks[1] - clocks[0])
+    # worker 1 is 4x faster, yet never more than bound + 1 commits ahead while both run
+    assert max(lead) == bound + 1
+    assert res.test_accuracy > 0.7
+
+
+def test_replay_of_a_sim_run_with_reads(mnist_small, tiny_mlp, tmp_path):
+    """GEM (worker placement) reads the center before each commit: reads are replayed too."""
+    sim = train(algorithm="gem", engine="sim", workers=3, window=2, seed=5, threads=1,
+                model=tiny_mlp, out=tmp_path / "sim", epochs=1, batch_size=32, **mnist_small)
+    assert any(e["type"] == "pull" and e.get("read") for e in sim.events)
+    rep = train(model=tiny_mlp, replay=tmp_path / "sim", **mnist_small)
+    assert rep.params_sha256 == sim.params_sha256
+
+
+def test_hogwild_workers_write_the_shared_center_without_the_server(mnist_small, tiny_mlp):
+    res = train(algorithm="hogwild", engine="local", workers=2, window=1, seed=1,
+                model=tiny_mlp, **SMALL, **mnist_small)
+    commits = [e for e in res.events if e["type"] == "commit"]
+    assert len(commits) == 2 * 2 * 47  # 2 workers x 2 epochs x ceil(1500 / 32) steps
+    assert all(c["distance"] is None for c in commits)  # not measured without a lock
+    assert res.test_accuracy > 0.7

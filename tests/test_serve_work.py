@@ -137,3 +137,34 @@ def test_cli_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
                        timeout=120)
     assert r.returncode == 2 and "readable by others" in r.stderr
     assert torch is not None
+
+
+def test_one_remote_worker_with_reads_gives_the_sim_parameters() -> None:
+    """GEM (worker placement) reads the center before each commit: a read over the network
+    leaves the worker's pull clock alone, as in sim."""
+    sim = train(Job(algorithm="gem", workers=1, window=3, seed=4, **SMALL))
+    job = Job(algorithm="gem", workers=1, window=3, seed=4, engine="net", **SMALL)
+    _, thread, out, address = serve_in_thread(job)
+    remote_worker(address)
+    thread.join(120)
+    assert out["result"].params_sha256 == sim.params_sha256
+
+
+def test_stale_synchronous_gate_over_the_network() -> None:
+    """SSP with bound 0 is a barrier: two remote workers take turns commit by commit."""
+    job = Job(algorithm="ssp", params={"bound": 0}, workers=2, window=1, seed=2, engine="net",
+              **SMALL)
+    _, thread, out, address = serve_in_thread(job)
+    others = [threading.Thread(target=remote_worker, args=(address, k)) for k in (0, 1)]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join(120)
+    thread.join(120)
+    res = out["result"]
+    clocks = {0: 0, 1: 0}
+    for e in res.events:
+        if e["type"] == "commit":
+            clocks[e["worker"]] += 1
+            assert abs(clocks[0] - clocks[1]) <= 1
+    assert clocks == {0: 5, 1: 5} and res.samples == 600

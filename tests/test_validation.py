@@ -38,6 +38,21 @@ from distgrad.cli import main
      r"alpha = rho \* elastic_lr must lie in \(0, 1\], got 5\.0"),
     ({"algorithm": "eamsgd", "params": {"momentum": 1.0}}, r"momentum must lie in \[0, 1\)"),
     ({"timing": Timing(stragglers=3), "workers": 2}, r"stragglers \(3\) exceeds workers \(2\)"),
+    ({"algorithm": "gem", "params": {"kappa": 0}}, r"kappa must be a finite number > 0, got 0"),
+    ({"algorithm": "gem", "params": {"momentum": 1.0}}, r"momentum must lie in \[0, 1\)"),
+    ({"algorithm": "gem", "params": {"placement": "both"}}, r"unknown placement 'both'"),
+    ({"algorithm": "diloco", "params": {"outer_lr": -1.0}}, r"outer_lr must be a finite number"),
+    ({"algorithm": "diloco-async", "params": {"adag_gamma": 0.0}},
+     r"adag_gamma must be a finite number > 0, got 0.0"),
+    ({"algorithm": "dcasgd", "window": 2}, r"dcasgd commits every gradient; window must be 1"),
+    ({"algorithm": "dcasgd", "params": {"mode": "auto"}}, r"unknown mode 'auto'"),
+    ({"algorithm": "localsgd", "params": {"warmup_steps": -1}},
+     r"warmup_steps must be an integer >= 0, got -1"),
+    ({"algorithm": "slowmo", "params": {"slow_momentum": 1.0}}, r"slow_momentum must lie in"),
+    ({"algorithm": "ssp", "params": {"bound": -1}}, r"bound must be an integer >= 0, got -1"),
+    ({"algorithm": "hogwild", "window": 3}, r"hogwild adds every step; window must be 1, got 3"),
+    ({"algorithm": "hogwild", "params": {"read_fraction": 1.0}}, r"read_fraction must lie in"),
+    ({"algorithm": "staleness-lr", "params": {"softsync": 0}}, r"softsync must be an integer >= 1"),
 ])
 def test_job_rejects(kwargs, match):
     if kwargs.get("model") == "resnet":
@@ -115,7 +130,8 @@ def test_cli_as_a_subprocess_lists_algorithms():
                          text=True, check=True).stdout.splitlines()
     names = [line.split()[0] for line in out]
     assert names == ["sequential", "sync", "averaging", "ensemble", "downpour", "dynsgd", "easgd",
-                     "aeasgd", "eamsgd", "agn", "adag"]
+                     "aeasgd", "eamsgd", "agn", "adag", "gem", "dcasgd", "staleness-lr", "ssp",
+                     "hogwild", "diloco-async", "localsgd", "slowmo", "diloco"]
     assert all(len(line.split(None, 1)) == 2 for line in out)
 
 

@@ -102,6 +102,8 @@ def _job_from_args(args: argparse.Namespace) -> Any:
         track_distance=not args.no_distance, record_batches=not args.no_batch_log,
         threads=args.threads, device=args.device, on_failure=args.on_failure,
         checkpoint_every=args.checkpoint_every, deferred_eval=args.deferred_eval,
+        compression=args.compress, error_feedback=not args.no_error_feedback,
+        momentum_target=args.momentum_target,
     )
 
 
@@ -390,6 +392,7 @@ def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     from distgrad.algorithms import names
+    from distgrad.compression import CODECS
     from distgrad.data import DATASETS, SHARDINGS
     from distgrad.engines.timing import TIMING_MODELS
     from distgrad.job import ENGINES
@@ -461,6 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replay", metavar="DIR",
                    help="rerun the sim run recorded in DIR on local worker processes in the "
                         "recorded commit order (ends with the same params_sha256)")
+
+    g = p.add_argument_group("commits")
+    g.add_argument("--compress", default="none", metavar="CODEC",
+                   help=f"compress every commit: {'|'.join(CODECS)} (default none; int8 has "
+                        "one scale per parameter tensor); bytes per commit go to the events "
+                        "and summary.json")
+    g.add_argument("--no-error-feedback", action="store_true",
+                   help="do not carry what compression lost into the next commit")
+    g.add_argument("--momentum-target", type=float, default=None, metavar="MU",
+                   help="EXPERIMENTAL, asynchronous algorithms: set the inner optimizer's "
+                        "momentum (sgd momentum, adam beta1) to max(MU - (1 - 1/n), 0) so "
+                        "explicit + implicit momentum stays near MU")
 
     g = p.add_argument_group("simulator timing (engine sim; --crash also kills local workers)")
     g.add_argument("--timing", default="lognormal", metavar="MODEL",

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from distgrad.algorithms import RunInfo, get_algorithm
 from distgrad.algorithms.base import Algorithm, AlgorithmConfig
+from distgrad.compression import CODECS, Compressor
 from distgrad.data import SHARDINGS, Dataset, load_dataset, make_shards
 from distgrad.engines import ENGINES, make_engine
 from distgrad.engines.sim import EvalSchedule
@@ -38,7 +39,7 @@ from distgrad.errors import (
 from distgrad.metrics.evaluate import Evaluator
 from distgrad.metrics.events import Recorder, read_events
 from distgrad.models import MODELS, build_model
-from distgrad.optim import INNER_OPTIMIZERS
+from distgrad.optim import INNER_OPTIMIZERS, compensate_inner_options
 from distgrad.server import ParameterServer
 from distgrad.worker import BatchSource, LossFn, Replica, Worker, flatten_parameters
 
@@ -58,6 +59,12 @@ class Job:
     ``device``, ``on_failure`` (reassign|drop), ``checkpoint_every`` (seconds) and
     ``deferred_eval`` (local: snapshot the center on schedule but evaluate the
     snapshots after training, so evaluation takes no CPU from the workers).
+
+    ``compression`` (``none``, ``fp32``, ``fp16``, ``bf16``, ``int8``) compresses every
+    commit, with ``error_feedback`` (see :mod:`distgrad.compression`).
+    ``momentum_target`` (EXPERIMENTAL, asynchronous algorithms only) lowers the inner
+    optimizer's momentum (SGD ``momentum``, Adam ``beta1``) to
+    ``max(target − (1 − 1/n), 0)``, compensating the implicit momentum of asynchrony.
     """
 
     algorithm: str = "adag"
@@ -84,6 +91,9 @@ class Job:
     on_failure: str = "reassign"
     checkpoint_every: float | None = None
     deferred_eval: bool = False
+    compression: str = "none"
+    error_feedback: bool = True
+    momentum_target: float | None = None
 
     def __post_init__(self) -> None:
         algo = get_algorithm(self.algorithm)
@@ -113,6 +123,14 @@ class Job:
             positive_float("checkpoint_every", self.checkpoint_every)
         if "window" in self.params:
             raise ConfigError("pass the window as window=..., not inside params")
+        choose("compression", self.compression, CODECS)
+        if self.momentum_target is not None:
+            if algo.synchronous:
+                raise ConfigError(f"momentum_target compensates the implicit momentum of "
+                                  f"asynchrony; {self.algorithm!r} is synchronous")
+            if not 0.0 <= self.momentum_target < 1.0:
+                raise ConfigError(f"momentum_target must lie in [0, 1), "
+                                  f"got {self.momentum_target!r}")
         self.algorithm_config()  # validates the hyperparameters
         self.run_info()  # validates the worker count for the algorithm
         self.timing.check_workers(self.workers)  # type: ignore[arg-type]
@@ -123,10 +141,17 @@ class Job:
             params["window"] = self.window
         return get_algorithm(self.algorithm).make_config(params)
 
+    def effective_inner_options(self) -> dict[str, float]:
+        """The inner optimizer's options after the momentum compensation, if any."""
+        if self.momentum_target is None:
+            return dict(self.inner_options)
+        return compensate_inner_options(self.inner_optimizer, dict(self.inner_options),
+                                        self.momentum_target, int(self.workers))  # type: ignore[arg-type]
+
     def run_info(self) -> RunInfo:
         info = RunInfo(workers=self.workers, lr=self.lr,  # type: ignore[arg-type]
                        inner_optimizer=self.inner_optimizer,
-                       inner_options=dict(self.inner_options), seed=self.seed)
+                       inner_options=self.effective_inner_options(), seed=self.seed)
         get_algorithm(self.algorithm).check(info)
         return info
 
@@ -250,11 +275,14 @@ class RunParts:
         """Worker k: its replica, rule and batches (shard k, the job's epochs and seed)."""
         job = self.job
         rep = Replica(k, self.template, self.loss_fn, job.inner_optimizer, job.lr,
-                      dict(job.inner_options), seed=job.seed, device=device)
+                      job.effective_inner_options(), seed=job.seed, device=device)
         batches = BatchSource(self.dataset.x_train, self.dataset.y_train, self.shards[k],
                               job.batch_size, job.epochs, seed=worker_seed(job.seed, k),
                               device=device)
-        return Worker(k, rep, self.algorithm.worker_rule(self.config, self.info), batches)
+        compressor = (None if job.compression == "none"
+                      else Compressor(job.compression, rep.sizes, job.error_feedback))
+        return Worker(k, rep, self.algorithm.worker_rule(self.config, self.info), batches,
+                      compressor=compressor)
 
 
 def train(
@@ -338,7 +366,8 @@ def train(
     parts = RunParts(job=job, dataset=dataset, shards=shards, template=template, loss_fn=loss_fn)
     server = parts.make_server()
     if snapshot is not None:
-        server.load_state_dict(snapshot["server"])
+        # the workers restart with fresh pulls: none of them is waiting at a gate any more
+        server.load_state_dict({**snapshot["server"], "held": []})
     center = server.center
     total_samples = parts.total_samples()
 
@@ -550,6 +579,10 @@ def _summarize(job: Job, config: AlgorithmConfig, rec: Recorder, server: Paramet
         "diverged": bool(diverged),
         "faults": len(faults),
         "samples_lost": int(sum(f["samples_lost"] for f in faults)),
+        "compression": job.compression,
+        "bytes_committed": rec.bytes_committed,
+        "bytes_per_commit": rec.bytes_committed / rec.commits if rec.commits else None,
+        "inner_options": job.effective_inner_options(),
         "params_sha256": server.params_sha256(),
         "parameters": len(server.center),
     }

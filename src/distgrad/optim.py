@@ -42,3 +42,28 @@ def make_inner_optimizer(
                           "valid: beta1, beta2, eps, weight_decay")
     betas = (options.pop("beta1", 0.9), options.pop("beta2", 0.999))
     return torch.optim.Adam(tensors, lr=lr, betas=betas, fused=True, **options)
+
+
+def compensated_momentum(target: float, workers: int, minimum: float = 0.0) -> float:
+    """Explicit momentum that keeps explicit + implicit momentum at ``target`` (EXPERIMENTAL).
+
+    Mitliagkas et al. (2016, "Asynchrony begets momentum") show that n asynchronous
+    workers behave in expectation like momentum SGD with an implicit momentum of
+    1 − 1/n. To keep the total near ``target``, the explicit term becomes
+    ``max(target − (1 − 1/n), minimum)``. The result is an expectation under a
+    queueing model, not a guarantee; treat the setting as an experiment.
+    """
+    return max(target - (1.0 - 1.0 / workers), minimum)
+
+
+def compensate_inner_options(name: str, options: dict[str, float], target: float,
+                             workers: int) -> dict[str, float]:
+    """Inner-optimizer options with their momentum term replaced by :func:`compensated_momentum`.
+
+    ``sgd``: ``momentum``; ``adam``: ``beta1`` (Adam's first-moment decay plays the
+    role of momentum). Other options are kept.
+    """
+    choose("inner optimizer", name, INNER_OPTIMIZERS)
+    mu = compensated_momentum(target, workers)
+    key = "momentum" if name == "sgd" else "beta1"
+    return {**options, key: mu}

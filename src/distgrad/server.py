@@ -5,6 +5,39 @@ inside whatever critical section they use (none in the simulator, a lock in the
 process engine). Staleness — both the update count τ and the thesis' distance
 ‖θ̃_t − θ̃_{t−τ}‖ — is computed here and only here, in the same call that applies
 the commit.
+
+The engine-facing protocol
+--------------------------
+
+An engine serves each worker's requests (:mod:`distgrad.worker`) with these calls:
+
+* ``Pull(into, record)``: ``pull(k, into, record=record)``. ``record=False`` is a
+  *read*: it copies the center but leaves k's pull clock and stale copy alone.
+* ``Commit`` of an asynchronous rule: ``rec = commit(k, payload, ...)``, then, unless
+  ``rec.held``, the pull the request asks for (``pull_into``) and k goes on.
+* ``Commit`` of a synchronous rule: ``submit(...)``; k waits until a returned
+  :class:`RoundRecord` lists it in ``participants``, then pulls and goes on.
+* A worker that finishes or dies: ``leave(k)`` (a pending round may complete).
+
+**Stale-synchronous gate** (rules with ``clock_bound = s``, e.g. ``ssp``). Each
+worker's clock counts its commits. When ``rec.held`` is true, worker k is more than
+s commits ahead of the slowest live worker: the engine must *not* serve k's pull
+nor resume it. After every ``commit()`` and every ``leave()`` the engine calls
+``released()``, which returns the held workers that may go on now (the slowest
+worker caught up, or left); for each, the engine serves its pending pull and
+resumes it. The slowest live worker is never held, so the run cannot deadlock.
+With s = 0 this is a barrier (BSP); with no bound, plain asynchrony.
+
+**Lock-free rules** (``lock_free``, e.g. ``hogwild``). The rule's arithmetic is an
+element-wise add that tolerates concurrent execution. An engine with real
+parallelism may apply such commits and serve such pulls without the lock it uses
+for other rules (workers writing straight into the shared center), accepting torn
+reads and, rarely, lost updates; the version clock and τ are then approximate
+unless the engine guards just the bookkeeping. The simulator, which has no real
+concurrency, models the interleaving instead: a pull is a read that sweeps the
+vector from the first element to the last over ``read_fraction`` of a step, and a
+commit landing during that sweep is seen in the elements not yet read (see
+:mod:`distgrad.engines.sim`).
 """
 
 from __future__ import annotations
@@ -22,7 +55,11 @@ from distgrad.fast import distance as fast_distance
 
 @dataclass(frozen=True)
 class CommitRecord:
-    """One applied asynchronous commit. ``version`` is the server clock after it."""
+    """One applied asynchronous commit. ``version`` is the server clock after it.
+
+    ``held``: the stale-synchronous gate holds the worker; it must wait for
+    :meth:`ParameterServer.released` before its pull and its next step.
+    """
 
     worker: int
     version: int
@@ -32,6 +69,7 @@ class CommitRecord:
     steps: int
     samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +120,10 @@ class ParameterServer:
         self.track_distance = track_distance
         self._stale: list[torch.Tensor | None] = [None] * workers
         self._round: list[CommitContext] = []
+        #: commits per worker (the stale-synchronous clocks)
+        self.clock = [0] * workers
+        self.clock_bound = rule.clock_bound
+        self._held: set[int] = set()
         rule.setup(center, workers)
 
     def stale_from_engine(self) -> None:
@@ -92,10 +134,19 @@ class ParameterServer:
         self._stale = [None] * self.workers
 
     # ------------------------------------------------------------------ pulls
-    def pull(self, worker: int, into: torch.Tensor) -> int:
-        """Copy what ``worker`` pulls into ``into``; return the version pulled."""
+    def pull(self, worker: int, into: torch.Tensor, record: bool = True) -> int:
+        """Copy what ``worker`` pulls into ``into``; return the version pulled.
+
+        ``record=False`` makes it a read: the worker's pull clock (what staleness
+        is measured from) and its stale copy stay as they were.
+        """
+        if worker in self._held:
+            raise RuntimeError(f"worker {worker} is held by the stale-synchronous gate; "
+                               "serve its pull once released() returns it")
         src = self.rule.pull_source(worker, self.center)
         into.copy_(src)
+        if not record:
+            return self.version
         self.base_version[worker] = self.version
         if self.keep_stale:
             stale = self._stale[worker]
@@ -143,6 +194,10 @@ class ParameterServer:
         self.version += 1
         if rule.exchange:
             self.base_version[worker] = self.version
+        self.clock[worker] += 1
+        held = self.clock_bound is not None and self._ahead(worker)
+        if held:
+            self._held.add(worker)
         return CommitRecord(
             worker=worker,
             version=self.version,
@@ -152,7 +207,44 @@ class ParameterServer:
             steps=steps,
             samples=samples,
             metrics=metrics,
+            held=held,
         )
+
+    def record_unlocked_commit(self, worker: int, steps: int, samples: int) -> CommitRecord:
+        """Account for a commit a lock-free worker applied to the shared center itself
+        (Hogwild on the local engine), followed by its own pull.
+
+        The clock advances and τ = clock − the clock when this worker last pulled, but
+        both are approximate: other workers may be writing at the same moment, and
+        the distance is not measured.
+        """
+        base = self.base_version[worker]
+        staleness = self.version - base
+        self.version += 1
+        self.base_version[worker] = self.version
+        self.clock[worker] += 1
+        return CommitRecord(worker=worker, version=self.version, base_version=base,
+                            staleness=staleness, distance=None, steps=steps, samples=samples)
+
+    # ------------------------------------------------------------------ stale-synchronous gate
+    def _ahead(self, worker: int) -> bool:
+        """Is ``worker`` more than ``clock_bound`` commits ahead of the slowest live worker?"""
+        live = [self.clock[k] for k in self.active]
+        if not live or self.clock_bound is None:
+            return False
+        return self.clock[worker] - min(live) > self.clock_bound
+
+    def released(self) -> list[int]:
+        """Held workers that may go on now, in worker order; they are no longer held."""
+        if not self._held:
+            return []
+        free = sorted(k for k in self._held if not self._ahead(k))
+        self._held.difference_update(free)
+        return free
+
+    @property
+    def held(self) -> frozenset[int]:
+        return frozenset(self._held)
 
     # ------------------------------------------------------------------ synchronous
     def submit(
@@ -170,10 +262,16 @@ class ParameterServer:
         return self._maybe_finish_round()
 
     def leave(self, worker: int) -> RoundRecord | None:
-        """``worker`` is done or dead; a round waiting only for it completes now."""
+        """``worker`` is done or dead; a round waiting only for it completes now.
+
+        For asynchronous rules, held workers may be released (call :meth:`released`)
+        and the rule may apply commits it held back (:meth:`ServerRule.on_leave`).
+        """
         self.active.discard(worker)
+        self._held.discard(worker)
         if self.rule.synchronous:
             return self._maybe_finish_round()
+        self.rule.on_leave(self.center, worker, len(self.active))
         return None
 
     def _maybe_finish_round(self) -> RoundRecord | None:
@@ -215,6 +313,8 @@ class ParameterServer:
             "base_version": list(self.base_version),
             "active": sorted(self.active),
             "stale": [None if s is None else s.clone() for s in self._stale],
+            "clock": list(self.clock),
+            "held": sorted(self._held),
             "rule": self.rule.state_dict(),
         }
 
@@ -224,4 +324,6 @@ class ParameterServer:
         self.base_version = [int(v) for v in state["base_version"]]
         self.active = set(state["active"])
         self._stale = [None if s is None else s.clone() for s in state["stale"]]
+        self.clock = [int(c) for c in state.get("clock", [0] * self.workers)]
+        self._held = set(state.get("held", ()))
         self.rule.load_state_dict(state["rule"])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from distgrad.algorithms.base import StepStats, WorkerRule
+from distgrad.compression import Compressor, Encoded
 from distgrad.optim import make_inner_optimizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,6 +100,11 @@ class Replica:
         self.optimizer = make_inner_optimizer(
             inner_optimizer, self._views, lr, **dict(inner_options or {})
         )
+
+    @property
+    def sizes(self) -> list[int]:
+        """Element counts of the trainable parameter tensors, in flat-buffer order."""
+        return [p.numel() for p in self._views]
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """Forward and backward on one batch; gradients land in the parameters' ``.grad``."""
@@ -207,10 +213,13 @@ class BatchSource:
 class Pull:
     """Copy what the server hands this worker (normally the center) into ``into``.
 
-    The engine replies with the server version of what was pulled.
+    ``record=False`` makes it a *read*: the server does not move the worker's pull
+    clock, so staleness is still measured from the last real pull. The engine
+    replies with the server version of what was pulled.
     """
 
     into: torch.Tensor
+    record: bool = True
 
 
 @dataclass
@@ -228,6 +237,12 @@ class Commit:
     ``pull_into``: pull right after the commit is applied (after the barrier for
     synchronous rules) into this buffer. The engine replies with the server
     version the worker now holds.
+
+    ``nbytes`` is what the commit puts on the wire (payload in its codec, plus the
+    stale center if sent). With compression, ``encoded`` is the compressed message
+    and ``payload`` already holds exactly the values decoding it gives: an engine
+    that shares memory applies ``payload``; a network transport sends ``encoded``
+    and decodes it on the server (:func:`distgrad.compression.decode`).
     """
 
     payload: torch.Tensor
@@ -235,19 +250,27 @@ class Commit:
     samples: int
     stale_center: torch.Tensor | None = None
     pull_into: torch.Tensor | None = None
+    nbytes: int = 0
+    encoded: Encoded | None = None
 
 
 Request = Pull | Step | Commit
 
 
 class Worker:
-    """Runs one worker's algorithm loop as a generator of requests."""
+    """Runs one worker's algorithm loop as a generator of requests.
 
-    def __init__(self, worker: int, replica: Replica, rule: WorkerRule, batches: BatchSource):
+    ``compressor`` (optional) compresses every commit's payload
+    (:mod:`distgrad.compression`); without it the payload travels as float32.
+    """
+
+    def __init__(self, worker: int, replica: Replica, rule: WorkerRule, batches: BatchSource,
+                 compressor: Compressor | None = None):
         self.id = worker
         self.rep = replica
         self.rule = rule
         self.batches = batches
+        self.compressor = compressor
         self.version = 0
         self.uncommitted_samples = 0
         self.steps = 0
@@ -272,13 +295,27 @@ class Worker:
 
     def _commit(self, steps: int) -> Generator[Request, int | None, None]:
         rep, rule = self.rep, self.rule
+        read_into = rule.read_buffer(rep)
+        if read_into is not None:
+            yield Pull(read_into, record=False)
         payload = rule.make_payload(rep, steps)
+        encoded = None
+        if self.compressor is not None:
+            encoded = self.compressor.compress(payload)
+            nbytes = encoded.nbytes
+        else:
+            nbytes = payload.numel() * payload.element_size()
+        stale = rep.base if rule.sends_stale_center else None
+        if stale is not None:
+            nbytes += stale.numel() * stale.element_size()
         version = yield Commit(
             payload=payload,
             steps=steps,
             samples=self.uncommitted_samples,
-            stale_center=rep.base if rule.sends_stale_center else None,
+            stale_center=stale,
             pull_into=rep.base if rule.pull_after_commit else None,
+            nbytes=nbytes,
+            encoded=encoded,
         )
         self.uncommitted_samples = 0
         rule.after_commit(rep, payload)

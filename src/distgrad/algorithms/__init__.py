@@ -6,11 +6,19 @@ from distgrad.algorithms import (
     adag,
     agn,
     averaging,
+    dcasgd,
+    diloco,
     downpour,
     dynsgd,
     easgd,
     ensemble,
+    gem,
+    hogwild,
+    localsgd,
     sequential,
+    slowmo,
+    ssp,
+    staleness_lr,
     sync,
 )
 from distgrad.algorithms.base import (
@@ -36,6 +44,16 @@ _ALL: tuple[Algorithm, ...] = (
     easgd.EAMSGD,
     agn.ALGORITHM,
     adag.ALGORITHM,
+    # beyond the thesis
+    gem.ALGORITHM,
+    dcasgd.ALGORITHM,
+    staleness_lr.ALGORITHM,
+    ssp.ALGORITHM,
+    hogwild.ALGORITHM,
+    diloco.ASYNC,
+    localsgd.ALGORITHM,
+    slowmo.ALGORITHM,
+    diloco.ALGORITHM,
 )
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for a in _ALL}

@@ -15,6 +15,14 @@ Two protocols exist:
 * **synchronous**: a commit joins the current round (:meth:`ServerRule.accumulate`)
   and the worker waits at a barrier until every live worker has committed; then
   :meth:`ServerRule.apply_round` updates the center once.
+
+Two engine-facing capabilities sit on top of the asynchronous protocol, both
+declared by the server rule and documented in :mod:`distgrad.server`:
+
+* ``clock_bound`` (stale-synchronous parallel): a worker more than s commits
+  ahead of the slowest live worker waits after its commit until released;
+* ``lock_free`` (Hogwild): commits and pulls need not be serialized; the
+  simulator models the torn reads this causes over ``read_fraction`` of a step.
 """
 
 from __future__ import annotations
@@ -198,6 +206,15 @@ class WorkerRule:
     def after_commit(self, rep: Replica, reply: torch.Tensor) -> None:
         """The commit was applied; ``reply`` is the payload buffer (the server may rewrite it)."""
 
+    def read_buffer(self, rep: Replica) -> torch.Tensor | None:
+        """A buffer to *read* the current center into right before each commit, or None.
+
+        A read is a pull that does not move the worker's pull clock (staleness is
+        still measured from the last real pull). GEM uses it to see how far the
+        center moved since its previous commit.
+        """
+        return None
+
 
 class ServerRule:
     """Server side of an algorithm: how commits change the center."""
@@ -212,6 +229,14 @@ class ServerRule:
     computes_distance: ClassVar[bool] = False
     #: a commit reads the current center atomically (elastic exchange): τ = 0, counts as a pull
     exchange: ClassVar[bool] = False
+    #: stale-synchronous gate: a worker whose commit count exceeds the slowest live worker's
+    #: by more than this waits after its commit until released (None: no gate)
+    clock_bound: int | None = None
+    #: commits and pulls need no lock (Hogwild); see :mod:`distgrad.server`
+    lock_free: ClassVar[bool] = False
+    #: with ``lock_free``: a pull is a read sweeping the vector over this fraction of a
+    #: step, and commits landing meanwhile show up in the part not yet read (simulator)
+    read_fraction: float = 0.0
 
     def __init__(self, config: AlgorithmConfig, run: RunInfo) -> None:
         self.config = config
@@ -230,6 +255,11 @@ class ServerRule:
     ) -> dict[str, float]:
         """Apply one commit in place; may rewrite ``payload`` as the reply. Returns metrics."""
         raise NotImplementedError
+
+    def on_leave(self, center: torch.Tensor, worker: int, remaining: int) -> dict[str, float]:
+        """``worker`` finished or died; ``remaining`` workers are live. Asynchronous rules that
+        hold back commits (n-softsync) apply what they hold here. Returns metrics."""
+        return {}
 
     # synchronous protocol
     def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:

@@ -63,11 +63,11 @@ if TYPE_CHECKING:
     from distgrad.server import ParameterServer
 
 # worker -> parent
-_PULL, _STEP, _COMMIT, _DONE, _ERROR = 1, 2, 3, 4, 5
+_PULL, _STEP, _COMMIT, _DONE, _ERROR, _READ, _APPLIED = 1, 2, 3, 4, 5, 6, 7
 # parent -> worker
 _VERSION, _EXTRA, _STOP = 1, 2, 3
 _STEP_FMT = struct.Struct("<Bdqq")  # kind, loss, correct, samples
-_COMMIT_FMT = struct.Struct("<Bqqq")  # kind, steps, samples, flags
+_COMMIT_FMT = struct.Struct("<Bqqqq")  # kind, steps, samples, flags, bytes on the wire
 _VERSION_FMT = struct.Struct("<Bq")
 _F_PULL, _F_STALE = 1, 2
 
@@ -81,12 +81,16 @@ class WorkerFailed(RuntimeError):
 
 def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
                  conn: Connection, device: str, order: np.ndarray | None,
-                 threads: int) -> None:
+                 threads: int, center: torch.Tensor | None) -> None:
     """Entry point of worker process k: build the worker, serve its generator over the pipe.
 
     A straggler (``k < timing.stragglers``) sleeps ``(straggler_factor − 1)`` times
     each step's compute time after the step: a real slowdown of the same shape as
     the simulator's.
+
+    ``center`` is given for lock-free rules (Hogwild): the worker then adds its
+    commits into the shared center and copies it out itself, with no lock, and
+    only tells the parent that it did (for the event log).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orchestrates Ctrl-C
     torch.set_num_threads(threads)
@@ -118,16 +122,28 @@ def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
                 s = req.stats
                 conn.send_bytes(_STEP_FMT.pack(_STEP, s.loss, s.correct, s.samples))
             elif isinstance(req, Pull):
-                conn.send_bytes(bytes([_PULL]))
-                value = _await_version(conn, worker)
-                if not on_host:
-                    req.into.copy_(base)
+                if req.record:  # the parent copies the center into base[k]
+                    conn.send_bytes(bytes([_PULL]))
+                    value = _await_version(conn, worker)
+                    if req.into.data_ptr() != base.data_ptr():
+                        req.into.copy_(base)
+                else:  # a read: the parent copies the center into payload[k], free until
+                    conn.send_bytes(bytes([_READ]))  # this worker's next commit
+                    value = _await_version(conn, worker)
+                    req.into.copy_(payload)
+            elif isinstance(req, Commit) and center is not None:
+                center.add_(req.payload.to(center.device))  # lock-free, as Hogwild does
+                if req.pull_into is not None:
+                    req.pull_into.copy_(center)
+                conn.send_bytes(_COMMIT_FMT.pack(_APPLIED, req.steps, req.samples, 0,
+                                                 req.nbytes))
             elif isinstance(req, Commit):
                 if req.payload.data_ptr() != payload.data_ptr():
                     payload.copy_(req.payload)
                 flags = (_F_PULL if req.pull_into is not None else 0) | (
                     _F_STALE if req.stale_center is not None else 0)
-                conn.send_bytes(_COMMIT_FMT.pack(_COMMIT, req.steps, req.samples, flags))
+                conn.send_bytes(_COMMIT_FMT.pack(_COMMIT, req.steps, req.samples, flags,
+                                                 req.nbytes))
                 value = _await_version(conn, worker)
                 if not on_host:
                     req.payload.copy_(payload)  # the server may have rewritten it
@@ -182,6 +198,7 @@ class _Slot:
     alive: bool = True
     done: bool = False
     parked: tuple[int, int, int] | None = None  # (steps, samples, flags) at a barrier
+    gated: int | None = None  # flags of a commit held by the stale-synchronous gate
     deferred: deque = field(default_factory=deque)  # replay: requests not yet due
 
     @property
@@ -194,7 +211,7 @@ def replay_schedule(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
     ops: list[tuple[str, int]] = []
     for e in events:
         if e["type"] == "pull":
-            ops.append(("pull", e["worker"]))
+            ops.append(("read" if e.get("read") else "pull", e["worker"]))
         elif e["type"] == "commit":
             ops.append(("commit", e["worker"]))
         elif e["type"] == "round":
@@ -227,6 +244,9 @@ class LocalEngine:
         server.stale_from_engine()  # base[k], in shared memory, is the center k pulled
         self.t0 = time.perf_counter() - (self.resume["t"] if self.resume else 0.0)
         orders = self._initial_orders(parts)
+        lock_free = server.rule.lock_free
+        if lock_free:  # Hogwild: workers write the center themselves
+            server.center.share_memory_()
         ctx = mp.get_context("spawn")
         parts.dataset.x_train.share_memory_()
         parts.dataset.y_train.share_memory_()
@@ -248,7 +268,8 @@ class LocalEngine:
                 proc = ctx.Process(
                     target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
                     args=(k, parts, base, payload, child_end, devices[k],
-                          orders[k] if self.resume else None, threads))
+                          orders[k] if self.resume else None, threads,
+                          server.center if lock_free else None))
                 slot = _Slot(k, proc, parent_end, base, payload, orders[k])
                 self.slots.append(slot)
                 if done_already:
@@ -265,6 +286,7 @@ class LocalEngine:
                 # left half-applied in the center or in a checkpoint
                 signal.signal(signal.SIGINT, self._request_stop)
         self.deferred: list[tuple[float, int, list[torch.Tensor]]] = []
+        self.round_bytes = 0
         try:
             self._maybe_eval()
             self._serve()
@@ -352,8 +374,14 @@ class LocalEngine:
         if kind == _STEP:
             _, loss, correct, samples = _STEP_FMT.unpack(msg)
             self.recorder.batch(self._t(), slot.k, StepStats(loss, correct, samples))
-        elif kind in (_PULL, _COMMIT):
-            op = ("pull" if kind == _PULL else "commit", msg)
+        elif kind == _APPLIED:
+            _, steps, samples, _, nbytes = _COMMIT_FMT.unpack(msg)
+            slot.committed += samples
+            self.recorder.commit(self._t(), self.server.record_unlocked_commit(
+                slot.k, steps, samples), nbytes=nbytes)
+            self._maybe_eval()
+        elif kind in (_PULL, _COMMIT, _READ):
+            op = ({_PULL: "pull", _READ: "read"}.get(kind, "commit"), msg)
             if self.replay is not None:
                 slot.deferred.append(op)
                 self._run_replay()
@@ -393,28 +421,45 @@ class LocalEngine:
 
     def _apply(self, slot: _Slot, kind: str, msg: bytes) -> None:
         server, rec = self.server, self.recorder
-        if kind == "pull":
-            version = server.pull(slot.k, slot.base)
-            rec.pull(self._t(), slot.k, version)
+        if kind in ("pull", "read"):
+            read = kind == "read"
+            version = server.pull(slot.k, slot.payload if read else slot.base, record=not read)
+            rec.pull(self._t(), slot.k, version, read=read)
             self._reply(slot, version)
             return
-        _, steps, samples, flags = _COMMIT_FMT.unpack(msg)
+        _, steps, samples, flags, nbytes = _COMMIT_FMT.unpack(msg)
         if server.rule.synchronous:
             slot.parked = (steps, samples, flags)
+            self.round_bytes += nbytes
             self._release(server.submit(slot.k, slot.payload, steps, samples))
             return
         r = server.commit(slot.k, slot.payload, steps, samples, stale_center=slot.base)
         slot.committed += samples
-        rec.commit(self._t(), r)
-        version = server.pull(slot.k, slot.base) if flags & _F_PULL else r.version
+        rec.commit(self._t(), r, nbytes=nbytes)
         self._maybe_eval()
-        self._reply(slot, version)
+        if r.held:  # stale-synchronous gate: no reply until the slowest worker catches up
+            slot.gated = flags
+        else:
+            self._reply(slot, server.pull(slot.k, slot.base) if flags & _F_PULL else r.version)
+        self._release_gated()
+
+    def _release_gated(self) -> None:
+        """Reply to the workers the stale-synchronous gate lets go."""
+        for p in self.server.released():
+            slot = self.slots[p]
+            flags, slot.gated = slot.gated, None
+            if slot.alive and flags is not None:
+                self._reply(slot, self.server.pull(p, slot.base) if flags & _F_PULL
+                            else self.server.version)
 
     def _release(self, record: Any) -> None:
-        """A synchronous round completed: pull for and reply to every parked participant."""
+        """After a leave or a completed synchronous round: reply to every worker that may go
+        on (round participants, workers the stale-synchronous gate releases)."""
+        self._release_gated()
         if record is None:
             return
-        self.recorder.round(self._t(), record)
+        self.recorder.round(self._t(), record, nbytes=self.round_bytes)
+        self.round_bytes = 0
         for p in record.participants:
             slot = self.slots[p]
             if slot.parked is None:

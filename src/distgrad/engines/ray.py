@@ -159,8 +159,9 @@ class ServerShard:
         self._release(adm.releases)
         return adm.position
 
-    async def pull(self, worker: int, attempt: int, seq: int) -> tuple[int, np.ndarray]:
-        version, center = self.core.pull(worker, attempt, seq)
+    async def pull(self, worker: int, attempt: int, seq: int, record: bool = True
+                   ) -> tuple[int, np.ndarray]:
+        version, center = self.core.pull(worker, attempt, seq, record=record)
         return version, center.numpy()
 
     async def commit(self, worker: int, attempt: int, seq: int, base_version: int, steps: int,
@@ -253,10 +254,12 @@ class WorkerActor:
                 stats.append((seq, time.time() - t0, s.loss, s.correct, s.samples))
                 reply = None
             elif isinstance(req, Pull):
-                got = ray.get([s.pull.remote(k, attempt, seq) for s in shards])
+                got = ray.get([s.pull.remote(k, attempt, seq, req.record) for s in shards])
                 for (lo, hi), (_, part) in zip(bounds, got, strict=True):
                     req.into[lo:hi].numpy()[:] = part
-                reply = base_version = got[0][0]
+                reply = got[0][0]
+                if req.record:
+                    base_version = reply
             elif isinstance(req, Commit):
                 if crash_after is not None and commits == crash_after:
                     os._exit(17)  # fault injection: the process dies as a crash would

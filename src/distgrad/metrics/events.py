@@ -4,8 +4,12 @@ One JSON object per line, each with ``type`` and ``t`` (the engine's clock:
 virtual seconds in the simulator, elapsed wall seconds in real engines):
 
 * ``batch``   worker, loss, acc — one local mini-batch (the thesis' per-batch log)
-* ``commit``  worker, version, base_version, staleness, distance, steps, samples [, scale]
-* ``round``   version, workers, steps, samples — a synchronous round
+* ``commit``  worker, version, base_version, staleness, distance, steps, samples, bytes
+              [, scale, held] — ``bytes``: what the commit put on the wire (compressed
+              payload, plus the stale center if sent); ``held``: the stale-synchronous gate
+              made the worker wait after it
+* ``round``   version, workers, steps, samples, bytes — a synchronous round (bytes: all
+              of its commits)
 * ``eval``    version, samples, test_loss, test_acc — the center on the full test set
 * ``pull``    worker, version — an explicit pull (each worker's first)
 * ``fault``   worker, kind, samples_lost
@@ -52,6 +56,7 @@ class Recorder:
         self.samples = 0
         self.samples_committed = 0
         self.commits = 0
+        self.bytes_committed = 0
         self.last_batch: dict[int, StepStats] = {}
 
     def _emit(self, event: dict[str, Any]) -> None:
@@ -78,23 +83,28 @@ class Recorder:
         if self.on_batch is not None:
             self.on_batch(stats.samples)
 
-    def commit(self, t: float, rec: CommitRecord) -> None:
+    def commit(self, t: float, rec: CommitRecord, nbytes: int | None = None) -> None:
         self.commits += 1
         self.samples_committed += rec.samples
+        self.bytes_committed += nbytes or 0
         event: dict[str, Any] = {
             "type": "commit", "t": t, "worker": rec.worker, "version": rec.version,
             "base_version": rec.base_version, "staleness": rec.staleness,
             "distance": _finite(rec.distance), "steps": rec.steps, "samples": rec.samples,
+            "bytes": nbytes,
         }
+        if rec.held:
+            event["held"] = True
         event.update({k: _finite(v) for k, v in rec.metrics.items()})
         self._emit(event)
 
-    def round(self, t: float, rec: RoundRecord) -> None:
+    def round(self, t: float, rec: RoundRecord, nbytes: int | None = None) -> None:
         self.commits += len(rec.participants)
         self.samples_committed += rec.samples
+        self.bytes_committed += nbytes or 0
         event: dict[str, Any] = {
             "type": "round", "t": t, "version": rec.version, "workers": list(rec.participants),
-            "steps": rec.steps, "samples": rec.samples,
+            "steps": rec.steps, "samples": rec.samples, "bytes": nbytes,
         }
         event.update({k: _finite(v) for k, v in rec.metrics.items()})
         self._emit(event)
@@ -108,9 +118,13 @@ class Recorder:
         self._emit({"type": "fault", "t": t, "worker": worker, "kind": kind,
                     "samples_lost": samples_lost, **extra})
 
-    def pull(self, t: float, worker: int, version: int) -> None:
-        """An explicit pull (a worker's first); later pulls ride on commits."""
-        self._emit({"type": "pull", "t": t, "worker": worker, "version": version})
+    def pull(self, t: float, worker: int, version: int, read: bool = False) -> None:
+        """An explicit pull (a worker's first; later pulls ride on commits) or, with
+        ``read``, a read of the center that leaves the worker's pull clock alone."""
+        event: dict[str, Any] = {"type": "pull", "t": t, "worker": worker, "version": version}
+        if read:
+            event["read"] = True
+        self._emit(event)
 
     def note(self, t: float, kind: str, **fields: Any) -> None:
         """An engine event (resume, checkpoint, ...)."""

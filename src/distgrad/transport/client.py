@@ -200,13 +200,15 @@ class NetClient:
             return h, payload
 
     # ------------------------------------------------------------------ requests
-    def pull(self, into: torch.Tensor) -> int:
-        seq, frames = self._frames(Kind.PULL)
+    def pull(self, into: torch.Tensor, record: bool = True) -> int:
+        """Copy the center into ``into``; ``record=False`` is a read (no new pull clock)."""
+        seq, frames = self._frames(Kind.PULL, flags=Flag.NONE if record else Flag.READ)
         h, payload = self._call(frames, seq)
         if h.kind != Kind.PULLED or h.shape != (1, self.parameters):
             raise TransportError(f"bad answer to PULL: {h.kind.name} {h.shape}")
         into.copy_(torch.from_numpy(as_array(h, payload)[0]))
-        self.base_version = h.version
+        if record:
+            self.base_version = h.version
         return h.version
 
     def stats(self, stats: StepStats) -> None:
@@ -293,7 +295,7 @@ def run_worker(client: NetClient, worker: Worker) -> None:
                 client.stats(req.stats)
                 reply = None
             elif isinstance(req, Pull):
-                reply = client.pull(req.into)
+                reply = client.pull(req.into, record=req.record)
             elif isinstance(req, Commit):
                 reply = client.commit(req.payload, req.steps, req.samples, req.stale_center,
                                       want_reply, req.pull_into)

@@ -101,6 +101,7 @@ class Slot:
     commit_seq: int = -1  # seq of the last commit answered (its reply is cached)
     cached: CommitReply | None = None
     parked: CommitRequest | None = None  # waiting at a synchronous barrier
+    gated: CommitRequest | None = None  # held by the stale-synchronous gate (ssp)
     position: int = 0  # samples committed (applied or in the open round)
     uncommitted: int = 0  # samples stepped since the last commit
     total: int | None = None  # samples this worker has to process, when known
@@ -170,11 +171,27 @@ class ServerCore:
             raise Rejected(f"{name} holds {bad} non-finite value(s) (NaN/Inf); not applied")
 
     def _leave(self, worker: int, t: float) -> list[CommitReply]:
-        return self._round_done(self.server.leave(worker), t)
+        self.slots[worker].gated = None
+        return self._round_done(self.server.leave(worker), t) + self._released()
 
-    def _pull(self, worker: int) -> tuple[int, torch.Tensor]:
+    def _pull(self, worker: int, record: bool = True) -> tuple[int, torch.Tensor]:
         into = torch.empty(self.parameters, dtype=torch.float32)
-        return self.server.pull(worker, into), into
+        return self.server.pull(worker, into, record=record), into
+
+    def _released(self) -> list[CommitReply]:
+        """Replies to the commits the stale-synchronous gate lets go now."""
+        replies = []
+        for k in self.server.released():
+            slot = self.slots[k]
+            req, slot.gated = slot.gated, None
+            if req is None or slot.state != "live" or req.attempt != slot.attempt:
+                continue
+            version, pulled = self._pull(k) if req.want_pull else (self.server.version, None)
+            reply = CommitReply(k, req.attempt, req.seq, version,
+                                req.payload if req.want_reply else None, pulled)
+            slot.commit_seq, slot.cached = req.seq, reply
+            replies.append(reply)
+        return replies
 
     def _updated(self, t: float) -> None:
         if self.on_update is not None:
@@ -216,18 +233,20 @@ class ServerCore:
                                 attempt=slot.attempt)
             releases = self._leave(worker, t)
         slot.attempt, slot.state, slot.seq, slot.commit_seq = attempt, "live", -1, -1
-        slot.cached, slot.parked, slot.uncommitted = None, None, 0
+        slot.cached, slot.parked, slot.gated, slot.uncommitted = None, None, None, 0
         slot.last_seen, slot.dead_since = t, None
         self.server.active.add(worker)
         return Admission(worker=worker, attempt=attempt, position=slot.position,
                          releases=releases)
 
     # ------------------------------------------------------------------ requests
-    def pull(self, worker: int, attempt: int, seq: int) -> tuple[int, torch.Tensor]:
+    def pull(self, worker: int, attempt: int, seq: int, record: bool = True
+             ) -> tuple[int, torch.Tensor]:
+        """Serve a pull; ``record=False`` is a read (the worker's pull clock stays)."""
         slot = self._slot(worker, attempt)
         self._seq(slot, seq)
         slot.last_seen = self.clock()
-        return self._pull(worker)
+        return self._pull(worker, record)
 
     def stats(self, worker: int, attempt: int, seq: int, stats: StepStats,
               t: float | None = None) -> None:
@@ -253,6 +272,8 @@ class ServerCore:
             return [self._again(slot.cached)]
         if slot.parked is not None and req.seq == slot.parked.seq:
             return []  # still waiting at the barrier; the reply comes with the round
+        if slot.gated is not None and req.seq == slot.gated.seq:
+            return []  # still held by the stale-synchronous gate
         self._seq(slot, req.seq)
         if req.steps < 1 or req.samples < 0:
             raise Rejected(f"bad commit counters steps={req.steps} samples={req.samples}")
@@ -289,12 +310,15 @@ class ServerCore:
         rec = server.commit(req.worker, req.payload, req.steps, req.samples, req.stale)
         if self.sink is not None:
             self.sink.commit(t, rec)
+        self._updated(t)
+        if rec.held:  # answered when the slowest worker catches up (see _released)
+            slot.gated = req
+            return self._released()
         version, pulled = self._pull(req.worker) if req.want_pull else (rec.version, None)
         reply = CommitReply(req.worker, req.attempt, req.seq, version,
                             req.payload if req.want_reply else None, pulled, record=rec)
         slot.commit_seq, slot.cached = req.seq, reply
-        self._updated(t)
-        return [reply]
+        return [reply, *self._released()]
 
     def _again(self, cached: CommitReply) -> CommitReply:
         if cached.pulled is None:

@@ -66,6 +66,8 @@ class Flag(enum.IntFlag):
     PULL = 2
     #: COMMIT: row 1 is the stale center θ̃_{t−τ} the payload was built on
     STALE = 4
+    #: PULL: a read — the server does not move the worker's pull clock
+    READ = 8
 
 
 class DType(enum.IntEnum):
@@ -144,7 +146,7 @@ def decode_header(raw: bytes | memoryview, max_length: int) -> Header:
         dtype_ = DType(dtype)
     except ValueError:
         raise FrameError(f"unknown dtype code {dtype}") from None
-    if flags & ~int(Flag.REPLY | Flag.PULL | Flag.STALE):
+    if flags & ~int(Flag.REPLY | Flag.PULL | Flag.STALE | Flag.READ):
         raise FrameError(f"unknown flag bits {flags:#x}")
     if ndim > MAX_DIMS:
         raise FrameError(f"rank {ndim} exceeds {MAX_DIMS}")

@@ -218,7 +218,7 @@ class NetServer:
     def _request(self, session: _Session, h: Header, payload: memoryview) -> None:
         core, k, a = self.core, session.worker, session.attempt
         if h.kind == Kind.PULL:
-            version, center = core.pull(k, a, h.seq)
+            version, center = core.pull(k, a, h.seq, record=not h.flags & Flag.READ)
             self._send(session, Header(kind=Kind.PULLED, worker=k, attempt=a, seq=h.seq,
                                        version=version), center.numpy().reshape(1, -1))
         elif h.kind == Kind.COMMIT:

@@ -1,0 +1,66 @@
+"""Hogwild! — lock-free parallel SGD (Niu, Recht, Ré, Wright, NIPS 2011, arXiv 1106.5730).
+
+Workers share the parameter vector and update it without any lock: each reads
+the center, computes one step s on one mini-batch and adds it, x ← x + s,
+component-wise. In parameter-server terms it is DOWNPOUR with λ = 1 whose server
+never serializes anything (elephas ``mode='hogwild'``; PyTorch's
+``mnist_hogwild`` example with ``share_memory()``).
+
+The rule declares ``lock_free``. What that means per engine (protocol in
+:mod:`distgrad.server`):
+
+* an engine with real parallelism may let workers add into the shared center and
+  copy from it without the server lock (the version clock and τ then become
+  approximate unless only the bookkeeping is guarded);
+* the simulator models the torn reads instead: a pull sweeps the vector over
+  ``read_fraction`` of a step, and commits landing during the sweep are seen only
+  in the part not yet read (:mod:`distgrad.engines.sim`). With
+  ``read_fraction = 0`` the simulation is exactly DOWNPOUR with λ = 1 (a test
+  checks it bit for bit).
+
+Differences from the paper: the paper samples single examples and touches only
+their sparse coordinates; here a step is one mini-batch and dense (the setting
+of the PyTorch example). Writes are atomic element-wise adds in the simulator;
+lost updates from racing read-modify-writes are not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distgrad.algorithms.base import AddServer, Algorithm, AlgorithmConfig, WorkerRule
+from distgrad.errors import ConfigError, float_in
+
+
+@dataclass(frozen=True, kw_only=True)
+class HogwildConfig(AlgorithmConfig):
+    """``read_fraction`` in [0, 1): how long a read sweeps, as a fraction of a step (sim)."""
+
+    window: int = 1
+    read_fraction: float = 0.5
+
+    def validate(self) -> None:
+        if self.window != 1:
+            raise ConfigError(f"hogwild adds every step; window must be 1, got {self.window}")
+        float_in("read_fraction", self.read_fraction, 0.0, 1.0, high_open=True)
+
+
+class LockFreeAddServer(AddServer):
+    """θ̃ ← θ̃ + s, with no lock."""
+
+    lock_free = True
+
+    def __init__(self, config: HogwildConfig, run) -> None:
+        super().__init__(config, run)
+        self.read_fraction = config.read_fraction
+
+
+ALGORITHM = Algorithm(
+    name="hogwild",
+    summary="lock-free shared-memory SGD: every step added to the center without a lock "
+            "(torn reads simulated)",
+    config=HogwildConfig,
+    worker_rule=WorkerRule,
+    server_rule=LockFreeAddServer,
+    reference="Niu et al. 2011, arXiv 1106.5730",
+)
