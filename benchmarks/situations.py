@@ -10,9 +10,10 @@ the small CNN on MNIST with the stability benchmark's footing (plain SGD,
 * ``non-iid``    — label-skewed shards: each worker sees one or two classes.
 
 Reported per (condition, algorithm): final test accuracy (10,000 images, median
-over seeds) and the virtual time at which the center first reached 97 % on the
-first 1,000 test images ("—" if never), plus the virtual time relative to
-DOWNPOUR in the same condition and seed (median ratio; < 1 is sooner). Virtual
+over seeds) and the virtual time at which the center first reached 95 % on the
+first 1,000 test images ("—" if never; 97 % is out of reach for plain SGD at
+this budget), plus that time relative to DOWNPOUR in the same condition and seed
+(median ratio; < 1 is sooner). Virtual
 time is the simulator's clock: what a cluster with these step and network times
 would take, independent of this machine's load.
 
@@ -44,7 +45,7 @@ CONDITIONS = {
     "slow-net": {"timing": {"commit_time": 0.5}},
     "non-iid": {"sharding": "label_skewed"},
 }
-TARGET = 0.97
+TARGET = 0.95
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -70,14 +71,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     final = Evaluator(model, torch.nn.functional.cross_entropy).evaluate(
         [torch.nn.utils.parameters_to_vector(res.model.parameters()).detach()],
         d.x_test, d.y_test)
-    evals = [e for e in res.events if e["type"] == "eval"]
-    hit = next((e for e in evals if (e.get("test_acc") or 0.0) >= TARGET), None)
+    curve = [[e["t"], e["version"], e.get("test_acc") or 0.0]
+             for e in res.events if e["type"] == "eval"]
     return {**spec, "test_accuracy": final["acc"] or 0.0,
             "diverged": not math.isfinite(final["loss"]) or (final["acc"] or 0.0) <= 0.2,
-            "time_to_target": hit["t"] if hit else None,
+            "curve": curve,
             "virtual_seconds": res.virtual_seconds, "commits": res.commits,
             "bytes_committed": res.bytes_committed, "staleness_mean": res.staleness_mean,
             "wall_seconds": time.perf_counter() - start}
+
+
+def time_to(row: dict[str, Any], target: float = TARGET) -> float | None:
+    """Virtual time of the first evaluation with accuracy >= target, or None."""
+    return next((t for t, _, acc in row["curve"] if acc >= target), None)
 
 
 def key(r: dict[str, Any]) -> tuple:
@@ -105,7 +111,7 @@ def report(rows: list[dict[str, Any]], algorithms: list[str], conditions: list[s
                 ratios.append("")
                 continue
             accs.append(f"{statistics.median(r['test_accuracy'] for r in rs):.4f}")
-            hits = [r["time_to_target"] for r in rs if r["time_to_target"] is not None]
+            hits = [t for r in rs if (t := time_to(r)) is not None]
             cell = f"{statistics.median(hits):.1f} s" if hits else "—"
             if hits and len(hits) < len(rs):
                 cell += f" ({len(hits)}/{len(rs)})"
@@ -113,8 +119,10 @@ def report(rows: list[dict[str, Any]], algorithms: list[str], conditions: list[s
             rel = []
             for r in rs:
                 base = by.get((c, "downpour", r["seed"]))
-                if base and base["time_to_target"] and r["time_to_target"]:
-                    rel.append(r["time_to_target"] / base["time_to_target"])
+                tb = time_to(base) if base else None
+                tr = time_to(r)
+                if tb and tr:
+                    rel.append(tr / tb)
             ratios.append(f"{statistics.median(rel):.2f}" if rel else "—")
         w = WINDOWS.get(a, 1)
         acc_lines.append(f"| `{a}` | {w} | " + " | ".join(accs) + " |")
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.flush()
                 print(f"[{i}/{len(todo)} {time.perf_counter() - start:.0f}s] {row['condition']} "
                       f"{row['algorithm']} seed={row['seed']}: acc {row['test_accuracy']:.4f} "
-                      f"t97 {row['time_to_target']}", file=sys.stderr, flush=True)
+                      f"t95 {time_to(row)}", file=sys.stderr, flush=True)
     wanted = {key(s) for s in specs}
     rows = [r for r in load(args.results) if key(r) in wanted]
     text = report(rows, algorithms, conditions)
