@@ -1,4 +1,4 @@
-"""Command line: ``distgrad algorithms | train | compare``.
+"""Command line: ``distgrad algorithms | train | compare | reproduce``.
 
 The only module that reads the environment and configures logging or threads.
 Bad input gives one line on stderr naming the bad value, and exit code 2.
@@ -192,6 +192,67 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- reproduce
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from distgrad import reproduce
+    from distgrad.errors import choose
+    from distgrad.reproduce.spec import SCALES
+
+    if args.list:
+        width = max(len(n) for n in reproduce.names())
+        for name in reproduce.names():
+            print(f"{name:<{width}}  {reproduce.get_experiment(name).shows}")
+        return 0
+    if not args.name:
+        raise ConfigError("name an experiment (see `distgrad reproduce --list`) or `all`")
+    choose("scale", args.scale, SCALES)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    names = reproduce.names() if args.name == ["all"] else args.name
+    for name in names:
+        reproduce.get_experiment(name)  # unknown names fail before anything runs
+    if args.page and names != reproduce.names():
+        raise ConfigError("--page needs every experiment: use `distgrad reproduce all`")
+    if args.discussion and not Path(args.discussion).is_file():
+        raise ConfigError(f"--discussion {args.discussion!r} is not a file")
+    base = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.scale}"
+    single = len(names) == 1 and args.out is not None
+    runs_dir = base / "runs"
+    command = shlex.join(["distgrad", "reproduce", *args.name, "--scale", args.scale,
+                          "--engine", args.engine, "--out", str(base),
+                          *(["--threads", str(args.threads)] if args.threads else []),
+                          *(["--page", args.page] if args.page else []),
+                          *(["--discussion", args.discussion] if args.discussion else [])])
+    outcomes = []
+    for name in names:
+        out = base if single else base / name
+        outcomes.append(reproduce.run_experiment(name, scale=args.scale, out=out,
+                                                 engine=args.engine, runs_dir=runs_dir,
+                                                 command=command))
+    for o in outcomes:
+        for claim, v in o.verdicts:
+            print(f"{o.experiment.name:<22} {claim.id:<12} {v.label:<14} {v.ours}")
+    counts = reproduce.summary_counts(outcomes)
+    print(f"{counts[True]} hold, {counts[False]} do not hold, {counts[None]} not tested")
+    for o in outcomes:
+        print(f"report: {o.report}")
+    if args.page:
+        from distgrad.reproduce.page import write_page
+
+        page = write_page(outcomes, Path(args.page), command=command, scale=args.scale,
+                          discussion=Path(args.discussion) if args.discussion else None)
+        print(f"page: {page}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -293,6 +354,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--te-window", type=float, default=5.0, metavar="SEC",
                    help="window of the notebook variant (thesis: 5 s, stride 1 s = window/5)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "reproduce", help="run the thesis' experiments and check its claims",
+        description="Run an experiment of Hermans (2017) and write DIR/report.md: for every "
+                    "claim, the condition, the thesis' number, ours, and whether it holds, "
+                    "with the figures beside it. Runs are kept in DIR/runs and reused.",
+        epilog="examples:\n  distgrad reproduce --list\n  distgrad reproduce e2-accumulation "
+               "--scale quick --out runs/e2\n  distgrad reproduce all --scale quick --out "
+               "runs/reproduce --page docs/reproduction.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="*", metavar="NAME",
+                   help="experiment name(s) from --list, or `all`")
+    p.add_argument("--list", action="store_true", help="list the experiments, one per line")
+    p.add_argument("--scale", default="quick", metavar="SCALE",
+                   help="full (the thesis' setup: 40 epochs, full grids; hours), quick (fewer "
+                        "epochs, smaller grids; minutes each on 2 cores) or tiny (a smoke test "
+                        "with a tiny model; seconds; numbers mean nothing) (default quick)")
+    p.add_argument("--engine", default="sim", metavar="NAME",
+                   help=f"engine of the MNIST runs: one of {', '.join(ENGINES)} (default sim; "
+                        "the 2-D simulations always use sim)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default runs/reproduce-SCALE; with several "
+                        "experiments each gets DIR/NAME)")
+    p.add_argument("--page", metavar="FILE",
+                   help="with `all`: also write the results page (e.g. docs/reproduction.md) "
+                        "and copy the figures beside it")
+    p.add_argument("--discussion", metavar="FILE",
+                   help="markdown inserted into the page after the claim table")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 
