@@ -194,12 +194,20 @@ def _figure_center(r: Results, path: Path) -> None:
     save(fig, path)
 
 
+def describe(scale: str) -> str:
+    k = SCALE_KNOBS[scale]
+    return (f"n = {WORKERS}, ρ = {RHO:g}, η = {k['lr']:g}, {k['steps']:,} local steps per "
+            f"worker, λ ∈ {{{', '.join(map(str, k['windows']))}}}, gradient noise σ² = "
+            f"{NOISE_VAR:g}, start {START}")
+
+
 BEALE = Experiment(
     name="e8-easgd-beale",
     shows="EASGD's equilibrium on the Beale function: the step and elastic norms meet; "
           "early commits",
     thesis="§2.2.2, §3.4, Eq. easgd_equilibrium_fix; claim 9",
     execute=execute,
+    describe=describe,
     claims=(
         Claim(id="9a", text="EASGD (n=5, ρ=5, λ=30): ‖η∇L‖ and ‖ηρ(θ^k − θ̃)‖ converge to "
               "each other", thesis=f"they meet after ≈{T.E8['meet_steps']:,} steps at "

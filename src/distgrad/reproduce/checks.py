@@ -14,7 +14,7 @@ mini-batch accuracies pooled in windows as the thesis notebook did (``batch``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from distgrad.metrics.efficiency import center_curve
 from distgrad.reproduce.analysis import batch_curve, max_drop_after
 from distgrad.reproduce.report import pct
 from distgrad.reproduce.spec import Results, RunData, Verdict
+
+CheckFn = Callable[[Results], Verdict]
 
 FINAL_STEPS = 10
 """"Final" mini-batch accuracy = the mean over each worker's last 10 mini-batches."""
@@ -66,7 +68,7 @@ def accuracies(run: RunData) -> str:
 # --------------------------------------------------------------------------- check factories
 
 
-def final_batch_below(label: str, level: float):
+def final_batch_below(label: str, level: float) -> CheckFn:
     """The run ends (final mini-batch accuracy) below ``level``."""
 
     def check(r: Results) -> Verdict:
@@ -77,7 +79,7 @@ def final_batch_below(label: str, level: float):
     return check
 
 
-def final_batch_at_least(labels: Sequence[str], level: float):
+def final_batch_at_least(labels: Sequence[str], level: float) -> CheckFn:
     """Every run ends (final mini-batch accuracy) at or above ``level``."""
 
     def check(r: Results) -> Verdict:
@@ -88,7 +90,7 @@ def final_batch_at_least(labels: Sequence[str], level: float):
     return check
 
 
-def peak_batch_at_least(label: str, level: float):
+def peak_batch_at_least(label: str, level: float) -> CheckFn:
     def check(r: Results) -> Verdict:
         run = r[label]
         return Verdict(f"{label}: peak batch {pct(peak_batch_accuracy(run))}; "
@@ -97,7 +99,8 @@ def peak_batch_at_least(label: str, level: float):
     return check
 
 
-def collapses(collapsing: Sequence[str], stable: Sequence[str], *, drop: float = 0.05):
+def collapses(collapsing: Sequence[str], stable: Sequence[str], *, drop: float = 0.05
+              ) -> CheckFn:
     """The ``collapsing`` runs' windowed batch accuracy falls by more than ``drop`` after
     first reaching the scale's ``collapse_from`` knob; the ``stable`` runs' does not."""
 

@@ -12,6 +12,7 @@ epochs and a smaller grid, so each experiment takes minutes on 2 CPU cores.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -313,13 +314,14 @@ def _summary_table(r: Results) -> str:
     return "\n".join(rows)
 
 
-def _count(r: Results, pred, cells=None) -> tuple[int, int]:
+def _count(r: Results, pred: Callable[[int, int], bool],
+           cells: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     cells = _cells(r) if cells is None else cells
     return sum(bool(pred(n, lam)) for n, lam in cells), len(cells)
 
 
 def _claim_4a(r: Results) -> Verdict:
-    def wins(key: str):
+    def wins(key: str) -> Callable[[int, int], bool]:
         return lambda n, lam: (r[f"agn-n{n}-l{lam}"].metric(key) or 0) > (
             r[f"aeasgd-n{n}-l{lam}"].metric(key) or 0)
 
@@ -345,7 +347,7 @@ def _claim_4c(r: Results) -> Verdict:
 
 
 def _claim_4d(r: Results) -> Verdict:
-    def above(kind: str):
+    def above(kind: str) -> Callable[[int, int], bool]:
         return lambda n, lam: (_te(r, n, lam)[kind] or 0) > 1
 
     k, m = _count(r, above("center"))
@@ -560,7 +562,7 @@ E7 = Experiment(
 _STALE_N = (10, 20, 30, 60)
 
 
-def _staleness_claim(n: int):
+def _staleness_claim(n: int) -> Callable[[Results], Verdict]:
     def check(r: Results) -> Verdict:
         st = staleness_stats(r[f"n{n}"].events)
         tol = 0.1 * (n - 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def effective_n(mu: float) -> float:
     return 1.0 / (1.0 - mu) if mu < 1 else float("inf")
 
 
-def _check(timing: str):
+def _check(timing: str) -> Callable[[Results], Verdict]:
     def check(r: Results) -> Verdict:
         rows = [row for row in r.data["fits"][timing] if row["n"] >= 2]
         errs = [abs(effective_n(row["mu"]) - row["n"]) / row["n"] for row in rows]
@@ -168,12 +169,22 @@ def _figure(r: Results, path: Path) -> None:
     save(fig, path)
 
 
+def describe(scale: str) -> str:
+    k = SCALE_KNOBS[scale]
+    ns = k["workers"]
+    shown = (f"{ns[0]}..{ns[-1]}" if list(ns) == list(range(ns[0], ns[-1] + 1))
+             else ", ".join(map(str, ns)))
+    return (f"n ∈ {{{shown}}}, {k['seeds']} seeds per n, η = {KAPPA:g}/n, "
+            f"{COMMITS_PER_WORKER}·n commits per run, curvatures {CURVATURES}")
+
+
 MOMENTUM = Experiment(
     name="implicit-momentum",
     shows="asynchronous DOWNPOUR behaves like heavy-ball momentum μ = 1 − 1/n "
           "(when staleness is geometric)",
     thesis="§3.2 (Mitliagkas et al. 2016, \"Asynchrony begets momentum\")",
     execute=execute,
+    describe=describe,
     claims=(
         Claim(id="M1", text="Fitted implicit momentum ≈ 1 − 1/n, geometric staleness "
               "(exponential step times)", thesis="μ = 1 − 1/n (n=10: 0.90, 20: 0.95, "

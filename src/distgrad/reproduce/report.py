@@ -90,7 +90,7 @@ def runs_table(results: Results) -> str:
 def scale_line(results: Results) -> str:
     exp, scale = results.experiment, results.scale
     if exp.execute is not None:
-        return f"scale `{scale}`"
+        return f"scale `{scale}`" + (f": {exp.describe(scale)}" if exp.describe else "")
     setup = exp.setup(scale)
     data = (f"first {setup.train_samples} MNIST training images" if setup.train_samples
             else "all 60,000 MNIST training images")

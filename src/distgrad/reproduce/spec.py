@@ -170,6 +170,8 @@ class Experiment:
     notes: tuple[str, ...] = ()
     knobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     execute: Callable[[Experiment, str, Path, int], Results] | None = None
+    #: toy experiments: one line on how a scale is sized (MNIST ones derive it from the setup)
+    describe: Callable[[str], str] | None = None
     seed: int = 1
 
     def __post_init__(self) -> None:
