@@ -112,10 +112,13 @@ def test_report_on_a_fixed_event_log(tmp_path):
     _write_run(runs / specs["n10"].dirname(setup, exp.seed), 10, [0.5] * 10 + [0.97] * 10,
                {"test_accuracy": 0.96, "train_accuracy": 0.965,
                 "last_batch_train_accuracy": 0.97})
-    # n=20: 40 % then 10 %: ends at chance.
+    # n=20: 40 % then 10 %: ends at chance; the exponential-timing variant recovers to 80 %
     _write_run(runs / specs["n20"].dirname(setup, exp.seed), 20, [0.4] * 10 + [0.1] * 10,
                {"test_accuracy": 0.098, "train_accuracy": 0.1,
                 "last_batch_train_accuracy": 0.1})
+    _write_run(runs / specs["n20-exponential"].dirname(setup, exp.seed), 20,
+               [0.4] * 10 + [0.8] * 10, {"test_accuracy": 0.79, "train_accuracy": 0.8,
+                                         "last_batch_train_accuracy": 0.8})
     results = load_runs(exp, "quick", runs)
     assert results["n10"].step_time == pytest.approx(0.05)
     verdicts = {c.id: v for c, v in evaluate_claims(results)}
@@ -124,6 +127,8 @@ def test_report_on_a_fixed_event_log(tmp_path):
                                    "; center test 96.00 %, train 96.50 %")
     assert verdicts["1b"].holds is True
     assert verdicts["1b"].ours.startswith("n20: batch 10.00 % (last-batch 10.00 %)")
+    assert verdicts["1b-exp"].holds is False
+    assert verdicts["1b-exp"].ours.startswith("n20-exponential: batch 80.00 %")
     report, _, figures = write_report(results, tmp_path / "out", command="distgrad reproduce x")
     text = report.read_text()
     assert ("| 1a | DOWNPOUR, λ=1, n=10 reaches ≥ 95 % mini-batch accuracy | ≈98 % after "

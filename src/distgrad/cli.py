@@ -368,15 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment name(s) from --list, or `all`")
     p.add_argument("--list", action="store_true", help="list the experiments, one per line")
     p.add_argument("--scale", default="quick", metavar="SCALE",
-                   help="full (the thesis' setup: 40 epochs, full grids; hours), quick (fewer "
-                        "epochs, smaller grids; minutes each on 2 cores) or tiny (a smoke test "
-                        "with a tiny model; seconds; numbers mean nothing) (default quick)")
+                   help="full (the thesis' setup: 40 epochs, full grids; hours per experiment, "
+                        "about a day for the 98-run E6 grid on 2 cores), quick (fewer epochs, "
+                        "smaller grids; minutes to an hour per experiment on 2 cores) or tiny "
+                        "(a smoke test with a tiny model; seconds; numbers mean nothing) "
+                        "(default quick)")
     p.add_argument("--engine", default="sim", metavar="NAME",
                    help=f"engine of the MNIST runs: one of {', '.join(ENGINES)} (default sim; "
                         "the 2-D simulations always use sim)")
     p.add_argument("--out", metavar="DIR",
-                   help="output directory (default runs/reproduce-SCALE; with several "
-                        "experiments each gets DIR/NAME)")
+                   help="one experiment: DIR/report.md; several (or none given): "
+                        "DIR/NAME/report.md each; the runs go to DIR/runs "
+                        "(default DIR: runs/reproduce-SCALE)")
     p.add_argument("--page", metavar="FILE",
                    help="with `all`: also write the results page (e.g. docs/reproduction.md) "
                         "and copy the figures beside it")
