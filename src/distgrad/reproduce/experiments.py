@@ -95,7 +95,8 @@ E2 = Experiment(
     runs={scale: (R(label="downpour-l1", algorithm="downpour", workers=10, window=1),
                   *(R(label=f"downpour-l{lam}", algorithm="downpour", workers=10, window=lam)
                     for lam in _E2_WINDOWS),
-                  *(R(label=f"agn-l{lam}", algorithm="agn", workers=10, window=lam)
+                  *(R(label=f"agn-l{lam}", algorithm="agn", workers=10, window=lam,
+                      epochs=6 if scale == "quick" else None)
                     for lam in _E2_WINDOWS))
           for scale in ("quick", "full")},
     claims=(
@@ -117,7 +118,10 @@ E2 = Experiment(
                                     title="AGN (mean of λ steps), n = 10")),
     ),
     notes=(
-        "The epochs of the thesis' E2 runs are not stated; `full` assumes E1's 5.",
+        "The epochs of the thesis' E2 runs are not stated; `full` assumes E1's 5. At `quick` "
+        "DOWNPOUR runs 2 epochs (its collapse shows within one) and AGN 6: a mean of λ steps "
+        "moves the center about one step per commit, so AGN needs more epochs than the sum "
+        "to converge.",
         "AGN with λ = 1 is DOWNPOUR bit for bit: `tests/test_equivalences.py::"
         "test_agn_with_window_one_is_downpour`.",
     ),
@@ -144,7 +148,7 @@ E3 = Experiment(
                   R(label="agn-l3", algorithm="agn", workers=20, window=3),
                   R(label="agn-l10", algorithm="agn", workers=20, window=10)),
     },
-    knobs={"full": {"collapse_from": 0.98}, "quick": {"collapse_from": 0.90},
+    knobs={"full": {"collapse_from": 0.98}, "quick": {"collapse_from": 0.80},
            "tiny": {"collapse_from": 0.5}},
     claims=(
         Claim(id="3-l1", text="DynSGD, n=20, λ=1 converges (ends ≥ 95 %)",
@@ -167,7 +171,7 @@ E3 = Experiment(
     ),
     notes=(
         "At `quick` every run has 3 epochs (the thesis: 5 for λ=1 and the first λ=10 run, 40 "
-        "for the others), so the collapse threshold is lowered from 98 % to 90 %.",
+        "for the others), so the collapse threshold is lowered from 98 % to 80 %.",
         "DynSGD scales each commit by 1/(τ+1), τ counted by the server under its lock "
         "(dist-keras read its counter outside the lock).",
     ),
@@ -231,7 +235,7 @@ E4 = Experiment(
                   R(label="dynsgd-l3", algorithm="dynsgd", workers=20, window=3),
                   R(label="dynsgd-l15", algorithm="dynsgd", workers=20, window=15))
           for scale in ("quick", "full")},
-    knobs={"full": {"collapse_from": 0.98}, "quick": {"collapse_from": 0.90},
+    knobs={"full": {"collapse_from": 0.98}, "quick": {"collapse_from": 0.80},
            "tiny": {"collapse_from": 0.5}},
     claims=(
         Claim(id="E4-train", text="AGN (λ=15) ends with a higher training accuracy than "
@@ -523,7 +527,7 @@ E7 = Experiment(
     name="e7-adag",
     shows="ADAG against AGN at 20–30 workers: loss spikes, per-worker scaling factors, staleness",
     thesis="ch. 4, Figs. applying_adag and the ADAG scaling/staleness figures; claim 8",
-    setups={"full": Setup(epochs=40), "quick": Setup(epochs=3)},
+    setups={"full": Setup(epochs=40), "quick": Setup(epochs=5)},
     runs={scale: (*(R(label=f"adag-g{g:g}", algorithm="adag", workers=20, window=15,
                       params=(("gamma", g),)) for g in _GAMMAS),
                   R(label="agn-n20", algorithm="agn", workers=20, window=15),
@@ -561,6 +565,9 @@ E7 = Experiment(
         "thesis' Alg. adag_2); the arithmetic equals dist-keras' placement 1.",
         "The thesis' scaling-factor figures plot the factor averaged over all weights; so "
         "does `scale` in each commit event.",
+        "At `quick` (5 of the 40 epochs) a worker commits about 8 times at n = 20, λ = 15 and "
+        "at n = 30, λ = 10 (≈230 updates in all): the whole run lies in the thesis' early "
+        "phase (its spikes come before ≈1,000 updates).",
     ),
 )
 
