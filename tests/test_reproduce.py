@@ -149,6 +149,34 @@ def test_report_on_a_fixed_event_log(tmp_path):
     assert verdicts["1b"].holds is False and "batch 90.00 %" in verdicts["1b"].ours
 
 
+def test_results_page_from_a_fixed_event_log(tmp_path):
+    from distgrad.reproduce import Outcome
+    from distgrad.reproduce.page import write_page
+
+    exp = get_experiment("e1-downpour-workers")
+    setup = exp.setup("quick")
+    runs = tmp_path / "runs"
+    for spec in exp.run_specs("quick"):
+        _write_run(runs / spec.dirname(setup, exp.seed), spec.workers, [0.5] * 10 + [0.97] * 10,
+                   {"test_accuracy": 0.96, "train_accuracy": 0.965,
+                    "last_batch_train_accuracy": 0.97})
+    results = load_runs(exp, "quick", runs)
+    report, verdicts, figures = write_report(results, tmp_path / "e1")
+    discussion = tmp_path / "discussion.md"
+    discussion.write_text("## Why\n\nBecause.\n")
+    page = write_page([Outcome(exp, results, verdicts, figures, report)],
+                      tmp_path / "docs" / "reproduction.md", command="distgrad reproduce all",
+                      scale="quick", discussion=discussion)
+    text = page.read_text()
+    assert "```bash\ndistgrad reproduce all\n```" in text
+    assert "**Claims: 1 hold · 2 do not hold · 0 not tested here.**" in text
+    assert "| [e1-downpour-workers](#e1-downpour-workers) | 1a |" in text
+    assert "## Why\n\nBecause." in text
+    assert "33/49 = 67.35 %" in text and "34/49 = 69.39 %" in text
+    assert "(reproduction/e1-downpour-workers-accuracy.png)" in text
+    assert (tmp_path / "docs" / "reproduction" / "e1-downpour-workers-accuracy.png").exists()
+
+
 def test_missing_run_is_named(tmp_path):
     exp = get_experiment("e1-downpour-workers")
     with pytest.raises(FileNotFoundError, match="run 'n10' of 'e1-downpour-workers'"):

@@ -152,14 +152,14 @@ def _table(r: Results) -> str:
 def _figure(r: Results, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     ns = np.arange(1, max(row["n"] for row in r.data["fits"][TIMINGS[0]]) + 1)
-    axes[0].plot(ns, 1 - 1 / ns, "k--", lw=1, label="1 − 1/n")
     for t in TIMINGS:
         rows = r.data["fits"][t]
         axes[0].plot([row["n"] for row in rows], [row["mu"] for row in rows], "o-", ms=3,
                      label=f"fitted μ, {t} step times")
         axes[1].plot([row["n"] for row in rows], [row["c_n_over_lr"] for row in rows], "o-",
                      ms=3, label=t)
-    axes[1].axhline(1, color="k", ls="--", lw=1, label="η/n")
+    axes[0].plot(ns, 1 - 1 / ns, "k--", lw=1.2, label="1 − 1/n", zorder=5)
+    axes[1].axhline(1, color="k", ls="--", lw=1.2, label="η/n", zorder=5)
     axes[0].set_ylabel("momentum μ")
     axes[1].set_ylabel("fitted step c, in units of η/n")
     for ax in axes:

@@ -75,8 +75,8 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         "```bash", command, "```", "",
         f"*Scale:* `{scale}`. *Machine:* {machine_line(m)}. *Compute:* {minutes:.0f} min of "
         "wall time in training and simulation.", "",
-        f"**{counts[True]} claims hold, {counts[False]} do not, {counts[None]} are not tested "
-        "here.**", "",
+        f"**Claims: {counts[True]} hold · {counts[False]} do not hold · {counts[None]} not "
+        "tested here.**", "",
     ]
     if scale != "full":
         lines += [f"> `{scale}` runs shorten the thesis' 40 epochs (see each experiment's "
