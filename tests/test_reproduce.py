@@ -170,7 +170,7 @@ def test_results_page_from_a_fixed_event_log(tmp_path):
     text = page.read_text()
     assert "```bash\ndistgrad reproduce all\n```" in text
     assert "**Claims: 1 hold · 2 do not hold · 0 not tested here.**" in text
-    assert "| [e1-downpour-workers](#e1-downpour-workers) | 1a |" in text
+    assert "| [e1-downpour-workers](#e1-downpour-workers) | quick | 1a |" in text
     assert "## Why\n\nBecause." in text
     assert "33/49 = 67.35 %" in text and "34/49 = 69.39 %" in text
     assert "(reproduction/e1-downpour-workers-accuracy.png)" in text
@@ -320,6 +320,8 @@ def test_cli_lists_every_experiment(capsys):
     (["reproduce", "e1-downpour-workers", "--scale", "huge"], "unknown scale 'huge'"),
     (["reproduce", "e1-downpour-workers", "--page", "x.md"], "--page needs every experiment"),
     (["reproduce"], "name an experiment"),
+    (["reproduce", "e1-downpour-workers", "--full", "e8-easgd-beale"],
+     "--full e8-easgd-beale: not among the experiments to run"),
 ])
 def test_cli_rejects_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

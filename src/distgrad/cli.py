@@ -217,8 +217,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     names = reproduce.names() if args.name == ["all"] else args.name
-    for name in names:
+    full = [n.strip() for n in (args.full or "").split(",") if n.strip()]
+    for name in [*names, *full]:
         reproduce.get_experiment(name)  # unknown names fail before anything runs
+    for name in full:
+        if name not in names:
+            raise ConfigError(f"--full {name}: not among the experiments to run")
     if args.page and names != reproduce.names():
         raise ConfigError("--page needs every experiment: use `distgrad reproduce all`")
     if args.discussion and not Path(args.discussion).is_file():
@@ -227,14 +231,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     single = len(names) == 1 and args.out is not None
     runs_dir = base / "runs"
     command = shlex.join(["distgrad", "reproduce", *args.name, "--scale", args.scale,
+                          *(["--full", ",".join(full)] if full else []),
                           "--engine", args.engine, "--out", str(base),
                           *(["--threads", str(args.threads)] if args.threads else []),
                           *(["--page", args.page] if args.page else []),
                           *(["--discussion", args.discussion] if args.discussion else [])])
     outcomes = []
     for name in names:
-        out = base if single else base / name
-        outcomes.append(reproduce.run_experiment(name, scale=args.scale, out=out,
+        scale = "full" if name in full else args.scale
+        out = base if single else base / (name if scale == args.scale else f"{name}-{scale}")
+        outcomes.append(reproduce.run_experiment(name, scale=scale, out=out,
                                                  engine=args.engine, runs_dir=runs_dir,
                                                  command=command))
     for o in outcomes:
@@ -373,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "smaller grids; minutes to an hour per experiment on 2 cores) or tiny "
                         "(a smoke test with a tiny model; seconds; numbers mean nothing) "
                         "(default quick)")
+    p.add_argument("--full", metavar="NAMES",
+                   help="comma-separated experiments to run at scale full whatever --scale "
+                        "says (their reports go to DIR/NAME-full)")
     p.add_argument("--engine", default="sim", metavar="NAME",
                    help=f"engine of the MNIST runs: one of {', '.join(ENGINES)} (default sim; "
                         "the 2-D simulations always use sim)")

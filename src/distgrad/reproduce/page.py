@@ -73,8 +73,12 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         "claims are the falsifiable ones of the thesis (spec/thesis.md §5) plus the numbers "
         "of its figures and tables.", "",
         "```bash", command, "```", "",
-        f"*Scale:* `{scale}`. *Machine:* {machine_line(m)}. *Compute:* {minutes:.0f} min of "
-        "wall time in training and simulation.", "",
+        f"*Scale:* `{scale}`" + (
+            " (" + ", ".join(f"`{o.experiment.name}` at `{o.results.scale}`"
+                             for o in outcomes if o.results.scale != scale) + ")"
+            if any(o.results.scale != scale for o in outcomes) else "")
+        + f". *Machine:* {machine_line(m)}. *Compute:* {minutes:.0f} min of wall time in "
+        "training and simulation.", "",
         f"**Claims: {counts[True]} hold · {counts[False]} do not hold · {counts[None]} not "
         "tested here.**", "",
     ]
@@ -82,11 +86,13 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         lines += [f"> `{scale}` runs shorten the thesis' 40 epochs (see each experiment's "
                   "setup) and shrink its grids; a verdict at this scale is about the start of "
                   "training. `distgrad reproduce NAME --scale full` follows the thesis.", ""]
-    lines += ["## All claims", "", "| experiment | claim | condition | thesis | ours | verdict |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## All claims", "",
+              "| experiment | scale | claim | condition | thesis | ours | verdict |",
+              "|---|---|---|---|---|---|---|"]
     for o in outcomes:
         for claim, v in o.verdicts:
-            lines.append(f"| [{o.experiment.name}](#{o.experiment.name}) | {claim.id} | "
+            lines.append(f"| [{o.experiment.name}](#{o.experiment.name}) | {o.results.scale} "
+                         f"| {claim.id} | "
                          f"{_escape(claim.text)} | {_escape(claim.thesis)} | {_escape(v.ours)} | "
                          f"{HOLDS_MARK[v.holds]} |")
     lines.append("")
@@ -104,7 +110,7 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         lines.append(f'<a id="{o.experiment.name}"></a>')
         lines.append("")
         lines.append(render(o.results, o.verdicts, figures, heading="###",
-                            command=f"distgrad reproduce {o.experiment.name} --scale {scale} "
-                                    "--out DIR"))
+                            command=f"distgrad reproduce {o.experiment.name} --scale "
+                                    f"{o.results.scale} --out DIR"))
     page.write_text("\n".join(lines).rstrip() + "\n")
     return page
