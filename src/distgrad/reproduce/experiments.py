@@ -6,7 +6,8 @@ Common setup (``full``): MNIST (60,000 training images, the 10,000 test images a
 DynSGD figures: 5), identical initial weights for every run (one seed), asynchronous
 workers in the simulator with its default timing (lognormal step times, mean 0.05
 virtual s). ``quick`` keeps the model, the data and the hyperparameters and runs fewer
-epochs and a smaller grid, so each experiment takes minutes on 2 CPU cores.
+epochs and a smaller grid, so each experiment takes minutes (E6: about an hour) on 2
+CPU cores.
 """
 
 from __future__ import annotations
