@@ -1,4 +1,4 @@
-"""Command line: ``distgrad algorithms | train | compare``.
+"""Command line: ``distgrad algorithms | train | compare | serve | work | reproduce``.
 
 The only module that reads the environment and configures logging or threads.
 Bad input gives one line on stderr naming the bad value, and exit code 2.
@@ -387,6 +387,73 @@ def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> Non
     p.set_defaults(func=cmd_work)
 
 
+# --------------------------------------------------------------------------- reproduce
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from distgrad import reproduce
+    from distgrad.errors import choose
+    from distgrad.reproduce.spec import SCALES
+
+    if args.list:
+        width = max(len(n) for n in reproduce.names())
+        for name in reproduce.names():
+            print(f"{name:<{width}}  {reproduce.get_experiment(name).shows}")
+        return 0
+    if not args.name:
+        raise ConfigError("name an experiment (see `distgrad reproduce --list`) or `all`")
+    choose("scale", args.scale, SCALES)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    names = reproduce.names() if args.name == ["all"] else args.name
+    full = [n.strip() for n in (args.full or "").split(",") if n.strip()]
+    for name in [*names, *full]:
+        reproduce.get_experiment(name)  # unknown names fail before anything runs
+    for name in full:
+        if name not in names:
+            raise ConfigError(f"--full {name}: not among the experiments to run")
+    if args.page and names != reproduce.names():
+        raise ConfigError("--page needs every experiment: use `distgrad reproduce all`")
+    if args.discussion and not Path(args.discussion).is_file():
+        raise ConfigError(f"--discussion {args.discussion!r} is not a file")
+    base = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.scale}"
+    single = len(names) == 1 and args.out is not None
+    runs_dir = base / "runs"
+    command = shlex.join(["distgrad", "reproduce", *args.name, "--scale", args.scale,
+                          *(["--full", ",".join(full)] if full else []),
+                          "--engine", args.engine, "--out", str(base),
+                          *(["--threads", str(args.threads)] if args.threads else []),
+                          *(["--page", args.page] if args.page else []),
+                          *(["--discussion", args.discussion] if args.discussion else [])])
+    outcomes = []
+    for name in names:
+        scale = "full" if name in full else args.scale
+        out = base if single else base / (name if scale == args.scale else f"{name}-{scale}")
+        outcomes.append(reproduce.run_experiment(name, scale=scale, out=out,
+                                                 engine=args.engine, runs_dir=runs_dir,
+                                                 command=command))
+    for o in outcomes:
+        for claim, v in o.verdicts:
+            print(f"{o.experiment.name:<22} {claim.id:<12} {v.label:<14} {v.ours}")
+    counts = reproduce.summary_counts(outcomes)
+    print(f"{counts[True]} hold, {counts[False]} do not hold, {counts[None]} not tested")
+    for o in outcomes:
+        print(f"report: {o.report}")
+    if args.page:
+        from distgrad.reproduce.page import write_page
+
+        page = write_page(outcomes, Path(args.page), command=command, scale=args.scale,
+                          discussion=Path(args.discussion) if args.discussion else None)
+        print(f"page: {page}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -401,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="distgrad", description=(
         "Data-parallel PyTorch training with a parameter server: the asynchronous "
-        "optimizers of Hermans' thesis on a deterministic simulator."))
+        "optimizers of Hermans' thesis and newer ones, on local worker processes, a "
+        "deterministic simulator, TCP workers on other hosts, Ray or Spark."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("algorithms", help="list the algorithms, one per line")
@@ -526,6 +594,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     _add_remote_commands(sub, sub.choices["train"])
+
+
+    p = sub.add_parser(
+        "reproduce", help="run the thesis' experiments and check its claims",
+        description="Run an experiment of Hermans (2017) and write DIR/report.md: for every "
+                    "claim, the condition, the thesis' number, ours, and whether it holds, "
+                    "with the figures beside it. Runs are kept in DIR/runs and reused.",
+        epilog="examples:\n  distgrad reproduce --list\n  distgrad reproduce e2-accumulation "
+               "--scale quick --out runs/e2\n  distgrad reproduce all --scale quick --out "
+               "runs/reproduce --page docs/reproduction.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="*", metavar="NAME",
+                   help="experiment name(s) from --list, or `all`")
+    p.add_argument("--list", action="store_true", help="list the experiments, one per line")
+    p.add_argument("--scale", default="quick", metavar="SCALE",
+                   help="full (the thesis' setup: 40 epochs, full grids; hours per experiment, "
+                        "about a day for the 98-run E6 grid on 2 cores), quick (fewer epochs, "
+                        "smaller grids; minutes to an hour per experiment on 2 cores) or tiny "
+                        "(a smoke test with a tiny model; seconds; numbers mean nothing) "
+                        "(default quick)")
+    p.add_argument("--full", metavar="NAMES",
+                   help="comma-separated experiments to run at scale full whatever --scale "
+                        "says (their reports go to DIR/NAME-full)")
+    p.add_argument("--engine", default="sim", metavar="NAME",
+                   help=f"engine of the MNIST runs: one of {', '.join(ENGINES)} (default sim; "
+                        "the 2-D simulations always use sim)")
+    p.add_argument("--out", metavar="DIR",
+                   help="one experiment: DIR/report.md; several (or none given): "
+                        "DIR/NAME/report.md each; the runs go to DIR/runs "
+                        "(default DIR: runs/reproduce-SCALE)")
+    p.add_argument("--page", metavar="FILE",
+                   help="with `all`: also write the results page (e.g. docs/reproduction.md) "
+                        "and copy the figures beside it")
+    p.add_argument("--discussion", metavar="FILE",
+                   help="markdown inserted into the page after the claim table")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""Reproduce the thesis: its experiments as declarative configurations, its claims checked.
+
+``distgrad reproduce --list`` names the experiments; ``distgrad reproduce NAME --scale
+quick --out DIR`` runs one and writes ``DIR/report.md`` with the figures beside it;
+``distgrad reproduce all ... --page docs/reproduction.md`` runs every experiment and
+writes the results page. Runs are stored under ``DIR/runs`` (shared between experiments,
+reused when the same job is asked for again).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distgrad.errors import ConfigError, choose
+from distgrad.reproduce.beale import BEALE
+from distgrad.reproduce.experiments import E1, E2, E3, E4, E6, E7, STALENESS
+from distgrad.reproduce.momentum import MOMENTUM
+from distgrad.reproduce.report import machine, write_report
+from distgrad.reproduce.runner import execute_runs, load_runs, train_command
+from distgrad.reproduce.spec import SCALES, Claim, Experiment, Results, Verdict
+
+_ALL: tuple[Experiment, ...] = (E1, E2, E3, E4, E6, E7, STALENESS, BEALE, MOMENTUM)
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in _ALL}
+
+
+def names() -> list[str]:
+    return [e.name for e in _ALL]
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment called ``name``; a ConfigError lists the known names otherwise."""
+    return EXPERIMENTS[choose("experiment", name, EXPERIMENTS)]
+
+
+@dataclass
+class Outcome:
+    """One experiment's results, verdicts, figures and report path."""
+
+    experiment: Experiment
+    results: Results
+    verdicts: list[tuple[Claim, Verdict]]
+    figures: list[tuple[str, str]]
+    report: Path
+
+
+def run_experiment(name: str, *, scale: str = "quick", out: str | Path, engine: str = "sim",
+                   runs_dir: str | Path | None = None, command: str | None = None,
+                   log: Callable[[str], None] | None = None) -> Outcome:
+    """Run (or reuse) an experiment's runs and write ``out/report.md`` and its figures."""
+    exp = get_experiment(name)
+    choose("scale", scale, SCALES)
+    out = Path(out)
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    logger = log or (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))
+    if exp.execute is not None:
+        if engine != "sim":
+            raise ConfigError(f"experiment {name!r} is a simulation of its own and runs on the "
+                              f"sim engine only, got engine {engine!r}")
+        logger(f"[{name}] simulating ...")
+        results = exp.execute(exp, scale, out, exp.seed)
+        commands = None
+    else:
+        execute_runs(exp, scale, runs, engine=engine, log=logger)
+        results = load_runs(exp, scale, runs)
+        setup = exp.setup(scale)
+        commands = [(s.label, c) for s in exp.run_specs(scale)
+                    if (c := train_command(s, setup, exp.seed, engine)) is not None]
+    if command is None:
+        command = shlex.join(["distgrad", "reproduce", name, "--scale", scale, "--engine",
+                              engine, "--out", str(out)])
+    report, verdicts, figures = write_report(results, out, command=command,
+                                             machine_info=machine(), commands=commands)
+    logger(f"[{name}] report: {report}")
+    return Outcome(exp, results, verdicts, figures, report)
+
+
+def summary_counts(outcomes: list[Outcome]) -> dict[Any, int]:
+    counts: dict[Any, int] = {True: 0, False: 0, None: 0}
+    for o in outcomes:
+        for _, v in o.verdicts:
+            counts[v.holds] += 1
+    return counts
+
+
+__all__ = ["EXPERIMENTS", "Experiment", "Outcome", "get_experiment", "names",
+           "run_experiment", "summary_counts"]

@@ -1,0 +1,166 @@
+"""Turn the results of an experiment into ``report.md`` with its figures beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from distgrad.reproduce.spec import Claim, Results, Verdict
+
+HOLDS_MARK = {True: "✅ holds", False: "❌ does not hold", None: "➖ not tested"}
+
+
+def pct(v: float | None, digits: int = 2) -> str:
+    """An accuracy in [0, 1] as a percentage, as the thesis prints them."""
+    return "n/a" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def num(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def evaluate_claims(results: Results) -> list[tuple[Claim, Verdict]]:
+    """Every claim of the experiment with its verdict on these results."""
+    return [(c, c.check(results)) for c in results.experiment.claims]
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    import distgrad
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "distgrad": distgrad.__version__, "commit": commit,
+            "threads": torch.get_num_threads(), "os": platform.platform(terse=True)}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    commit = f" (commit {m['commit']})" if m.get("commit") else ""
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} "
+            f"thread(s), Python {m['python']}, distgrad {m['distgrad']}{commit}, {m['os']}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def claims_table(verdicts: list[tuple[Claim, Verdict]]) -> str:
+    rows = ["| claim | condition | thesis | ours | verdict |", "|---|---|---|---|---|"]
+    for claim, v in verdicts:
+        verdict = HOLDS_MARK[v.holds] + (f" — {_escape(v.note)}" if v.note else "")
+        rows.append(f"| {claim.id} | {_escape(claim.text)} | {_escape(claim.thesis)} | "
+                    f"{_escape(v.ours)} | {verdict} |")
+    return "\n".join(rows)
+
+
+def runs_table(results: Results) -> str:
+    rows = ["| run | algorithm | n | λ | epochs | commits | mean τ | virtual s | wall s | "
+            "test acc. (center) | train acc. (center) | last-batch train acc. (thesis) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, run in results.runs.items():
+        s = run.summary
+        virtual = s.get("virtual_seconds")
+        rows.append(
+            f"| {label} | {s['algorithm']} | {s['workers']} | {s['window']} | {s['epochs']} | "
+            f"{s['commits']} | {num(s.get('staleness_mean'), 1)} | "
+            f"{'n/a' if virtual is None else f'{virtual:.1f}'} | {s['wall_seconds']:.0f} | "
+            f"{pct(s.get('test_accuracy'))} | {pct(s.get('train_accuracy'))} | "
+            f"{pct(s.get('last_batch_train_accuracy'))} |")
+    return "\n".join(rows)
+
+
+def scale_line(results: Results) -> str:
+    exp, scale = results.experiment, results.scale
+    if exp.execute is not None:
+        return f"scale `{scale}`" + (f": {exp.describe(scale)}" if exp.describe else "")
+    setup = exp.setup(scale)
+    data = (f"first {setup.train_samples} MNIST training images" if setup.train_samples
+            else "all 60,000 MNIST training images")
+    model = {"mlp": "the thesis MLP (784-1000-2000-1000-10)", "small": "a 784-64-10 MLP",
+             "tiny": "a 784-32-10 MLP"}[setup.model]
+    epochs = sorted({s.epochs_at(setup) for s in exp.run_specs(scale)})
+    return (f"scale `{scale}`: {model}, {data}, batch {setup.batch_size}, "
+            f"{'/'.join(map(str, epochs))} epoch(s) split over the workers, center evaluated "
+            f"on the 10,000 test images every {setup.eval_every:g} epoch")
+
+
+def render(results: Results, verdicts: list[tuple[Claim, Verdict]],
+           figures: list[tuple[str, str]], *, command: str | None = None,
+           machine_info: dict[str, Any] | None = None, heading: str = "#",
+           commands: list[tuple[str, str]] | None = None) -> str:
+    """The markdown of one experiment's report. ``figures`` are (file, caption) pairs."""
+    exp = results.experiment
+    sub = heading + "#"
+    lines = [f"{heading} `{exp.name}` — {exp.shows}", ""]
+    lines.append(f"*Thesis:* {exp.thesis}  ")
+    lines.append(f"*Setup:* {scale_line(results)}; seed {exp.seed}  ")
+    if results.wall_seconds:
+        lines.append(f"*Compute:* {results.wall_seconds / 60:.1f} min of wall time  ")
+    if machine_info:
+        lines.append(f"*Machine:* {machine_line(machine_info)}  ")
+    if command:
+        lines.append(f"*Command:* `{command}`")
+    lines += ["", f"{sub} Claims", "", claims_table(verdicts), ""]
+    if results.scale == "tiny":
+        lines += ["> Scale `tiny` is a smoke test of the pipeline: its numbers say nothing "
+                  "about the thesis.", ""]
+    for table in exp.tables:
+        lines += [f"{sub} {table.title}", "", table.render(results), ""]
+    if results.runs:
+        lines += [f"{sub} Runs", "", runs_table(results), ""]
+        lines += ["*test acc. (center)* is the thesis' \"validation accuracy\" (the center on "
+                  "the 10,000 test images); *train acc. (center)* evaluates the center on every "
+                  "training image used; *last-batch train acc.* is the thesis' \"training "
+                  "accuracy\": the mean over workers of each worker's last mini-batch accuracy. "
+                  "Times are virtual seconds of the simulator (compute only, no network or "
+                  "server cost).", ""]
+    if figures:
+        lines += [f"{sub} Figures", ""]
+        for file, caption in figures:
+            lines += [f"![{caption}]({file})", "", f"*{caption}*", ""]
+    if exp.notes:
+        lines += [f"{sub} Notes", ""]
+        lines += [f"- {note}" for note in exp.notes]
+        lines.append("")
+    if commands:
+        lines += [f"{sub} Each run by hand", "", "```"]
+        lines += [f"# {label}\n{cmd}" for label, cmd in commands]
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: Results, out: Path, *, command: str | None = None,
+                 machine_info: dict[str, Any] | None = None,
+                 commands: list[tuple[str, str]] | None = None
+                 ) -> tuple[Path, list[tuple[Claim, Verdict]], list[tuple[str, str]]]:
+    """Draw the figures into ``out`` and write ``out/report.md``; return (path, verdicts,
+    figures)."""
+    out.mkdir(parents=True, exist_ok=True)
+    verdicts = evaluate_claims(results)
+    figures = []
+    for fig in results.experiment.figures:
+        fig.draw(results, out / fig.file)
+        figures.append((fig.file, fig.caption))
+    text = render(results, verdicts, figures, command=command, machine_info=machine_info,
+                  commands=commands)
+    path = out / "report.md"
+    path.write_text(text)
+    return path, verdicts, figures
