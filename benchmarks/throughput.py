@@ -101,7 +101,7 @@ def run_local(workers: int, window: int, steps: int, warmup: int) -> float:
 
     res = train(algorithm="agn", engine="local", workers=workers, window=window, epochs=1,
                 batch_size=BATCH, train_samples=steps * BATCH * workers, eval_every=1000.0,
-                record_batches=True, seed=0)
+                record_batches=True, deferred_eval=True, seed=0)
     ends: dict[int, list[float]] = {}
     for e in res.events:
         if e["type"] == "batch":

@@ -269,3 +269,18 @@ def test_hogwild_workers_write_the_shared_center_without_the_server(mnist_small,
     assert len(commits) == 2 * 2 * 47  # 2 workers x 2 epochs x ceil(1500 / 32) steps
     assert all(c["distance"] is None for c in commits)  # not measured without a lock
     assert res.test_accuracy > 0.7
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_evaluations_carry_the_samples_of_their_snapshot(deferred, mnist_small, tiny_mlp):
+    """A snapshot evaluated later (in a thread, or after training) reports the samples that
+    were committed when it was taken, not those committed when its event is written."""
+    res = train(algorithm="agn", engine="local", workers=2, window=2, seed=1, model=tiny_mlp,
+                epochs=2, batch_size=32, eval_every=0.5, deferred_eval=deferred,
+                **mnist_small)
+    evals = [e for e in res.events if e["type"] == "eval"]
+    samples = [e["samples"] for e in evals]
+    assert len(evals) >= 5 and samples == sorted(samples)
+    assert samples[0] == 0 and samples[-1] == res.samples == 2 * 3000
+    # the scheduled snapshots are taken at the first commit past every 1,500 samples
+    assert all(s < 2 * 3000 for s in samples[1:4])

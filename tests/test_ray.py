@@ -72,6 +72,24 @@ def test_synchronous_averaging_on_ray_equals_sim(mnist_small):
     assert on_ray.params_sha256 == on_sim.params_sha256
 
 
+def test_reads_on_ray_leave_the_pull_clock_alone(mnist_small):
+    """GEM (worker placement) reads the center before every commit; one worker on Ray ends
+    with the sim's parameters, so reads do not count as pulls there either."""
+    on_ray, on_sim = run(mnist_small, algorithm="gem", workers=1, window=3)
+    assert on_ray.params_sha256 == on_sim.params_sha256
+
+
+def test_stale_synchronous_gate_on_ray(mnist_small):
+    """SSP with bound 0: no worker is ever more than one commit ahead of the other."""
+    on_ray, _ = run(mnist_small, algorithm="ssp", params={"bound": 0}, workers=2, window=4)
+    clocks = {0: 0, 1: 0}
+    for e in on_ray.events:
+        if e["type"] == "commit":
+            clocks[e["worker"]] += 1
+            assert abs(clocks[0] - clocks[1]) <= 1
+    assert on_ray.samples == 3000 and clocks[0] + clocks[1] == on_ray.commits
+
+
 def test_a_crashed_worker_actor_is_replaced_and_resumes(mnist_small):
     engine = RayEngine(inject_crash=(0, 5))
     on_ray, _ = run(mnist_small, engine=engine, algorithm="agn", workers=2, window=3)

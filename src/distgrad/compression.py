@@ -3,9 +3,11 @@
 Compression sits in the worker shell, between the algorithm's payload and the
 wire: :class:`Compressor` turns the float32 payload into an :class:`Encoded`
 message (the bytes a network transport sends) and overwrites the payload with
-exactly the values the server will decode from it. Engines that share memory
-apply that decoded payload; a network transport sends ``Encoded`` and calls
-:func:`decode` on the far side, which gives the same values bit for bit. The
+exactly the values the server will decode from it (:func:`decode` of the message
+gives the same values bit for bit). Every engine applies that decoded payload, so
+the effect of a codec on training and its byte count (``Encoded.nbytes``, in the
+events and ``summary.json``) are exact on all of them; the engines themselves still
+move the decoded float32 values (no engine sends ``Encoded`` on its wire yet). The
 algorithm and the server rule never know a commit was compressed.
 
 Codecs (``P`` = parameters, ``T`` = parameter tensors of the model):

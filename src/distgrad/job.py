@@ -392,10 +392,12 @@ def train(
         recorder.note(float(snapshot["t"]), "resume", version=server.version,
                       center_sha256=server.params_sha256())
 
-    def evaluate(t: float, version: int, vectors: list[torch.Tensor] | None = None) -> None:
+    def evaluate(t: float, version: int, vectors: list[torch.Tensor] | None = None,
+                 samples: int | None = None) -> None:
         m = evaluator.evaluate(vectors if vectors is not None else server.models(),
                                dataset.x_test, dataset.y_test)
-        recorder.evaluation(t, version, {"test_loss": m["loss"], "test_acc": m["acc"]})
+        recorder.evaluation(t, version, {"test_loss": m["loss"], "test_acc": m["acc"]},
+                            samples=samples)
 
     evals = EvalSchedule(max(1, int(job.eval_every * len(dataset.y_train))), evaluate)
     if snapshot is not None:

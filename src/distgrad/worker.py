@@ -238,11 +238,10 @@ class Commit:
     synchronous rules) into this buffer. The engine replies with the server
     version the worker now holds.
 
-    ``nbytes`` is what the commit puts on the wire (payload in its codec, plus the
-    stale center if sent). With compression, ``encoded`` is the compressed message
-    and ``payload`` already holds exactly the values decoding it gives: an engine
-    that shares memory applies ``payload``; a network transport sends ``encoded``
-    and decodes it on the server (:func:`distgrad.compression.decode`).
+    ``nbytes`` is what the commit would put on the wire in its codec (payload plus
+    the stale center if sent). With compression, ``encoded`` is the compressed
+    message and ``payload`` already holds exactly the values decoding it gives
+    (:func:`distgrad.compression.decode`); every engine applies ``payload``.
     """
 
     payload: torch.Tensor

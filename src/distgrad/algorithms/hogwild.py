@@ -9,9 +9,12 @@ never serializes anything (elephas ``mode='hogwild'``; PyTorch's
 The rule declares ``lock_free``. What that means per engine (protocol in
 :mod:`distgrad.server`):
 
-* an engine with real parallelism may let workers add into the shared center and
-  copy from it without the server lock (the version clock and τ then become
-  approximate unless only the bookkeeping is guarded);
+* ``local``: workers add their steps into the shared-memory center and copy from
+  it with no lock at all (real torn reads and racing adds); they tell the server
+  afterwards, which only counts the commit (clock, τ) — see
+  :mod:`distgrad.engines.local`;
+* ``net``, ``ray``, ``spark``: there is no shared memory, so commits pass through
+  the server one at a time (this is DOWNPOUR with λ = 1 there);
 * the simulator models the torn reads instead: a pull sweeps the vector over
   ``read_fraction`` of a step, and commits landing during the sweep are seen only
   in the part not yet read (:mod:`distgrad.engines.sim`). With
@@ -58,7 +61,7 @@ class LockFreeAddServer(AddServer):
 ALGORITHM = Algorithm(
     name="hogwild",
     summary="lock-free shared-memory SGD: every step added to the center without a lock "
-            "(torn reads simulated)",
+            "(real on local; torn reads modelled on sim)",
     config=HogwildConfig,
     worker_rule=WorkerRule,
     server_rule=LockFreeAddServer,

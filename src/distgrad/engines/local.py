@@ -285,7 +285,7 @@ class LocalEngine:
                 # Ctrl-C only raises a flag, checked between requests, so a commit is never
                 # left half-applied in the center or in a checkpoint
                 signal.signal(signal.SIGINT, self._request_stop)
-        self.deferred: list[tuple[float, int, list[torch.Tensor]]] = []
+        self.deferred: list[tuple[float, int, list[torch.Tensor], int]] = []
         self.round_bytes = 0
         try:
             self._maybe_eval()
@@ -298,8 +298,8 @@ class LocalEngine:
             torch.set_num_threads(old_threads)
             if main_thread:
                 signal.signal(signal.SIGINT, old_sigint)
-        for t, version, vectors in self.deferred:
-            evals.callback(t, version, vectors)
+        for t, version, vectors, committed in self.deferred:
+            evals.callback(t, version, vectors, committed)
         if self.interrupted:
             raise KeyboardInterrupt
         return self.now
@@ -522,10 +522,12 @@ class LocalEngine:
         if committed < evals.next_at:
             return
         vectors = [m.clone() for m in self.server.models()]
+        # the snapshot's own sample count: the event is written later (thread, or deferred)
+        snap = (self._t(), self.server.version, vectors, committed)
         if self.job.deferred_eval:
-            self.deferred.append((self._t(), self.server.version, vectors))
+            self.deferred.append(snap)
         else:
-            self.pool.submit(evals.callback, self._t(), self.server.version, vectors)
+            self.pool.submit(evals.callback, *snap)
         while evals.next_at <= committed:
             evals.next_at += evals.every_samples
 

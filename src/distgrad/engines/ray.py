@@ -154,13 +154,22 @@ class ServerShard:
         return (r.version, None if r.reply is None else r.reply.numpy(),
                 None if r.pulled is None else r.pulled.numpy())
 
+    def _stats(self, worker: int, attempt: int,
+               stats: list[tuple[int, float, float, int, int]]) -> None:
+        """The steps a worker took since its last message (sent with its next one)."""
+        for s_seq, t, loss, correct, n in stats:
+            self.core.stats(worker, attempt, s_seq,
+                            StepStats(loss=loss, correct=correct, samples=n), t=t)
+
     async def admit(self, worker: int, attempt: int) -> int:
         adm = self.core.admit(worker, attempt)
         self._release(adm.releases)
         return adm.position
 
-    async def pull(self, worker: int, attempt: int, seq: int, record: bool = True
+    async def pull(self, worker: int, attempt: int, seq: int, record: bool = True,
+                   stats: list[tuple[int, float, float, int, int]] = ()
                    ) -> tuple[int, np.ndarray]:
+        self._stats(worker, attempt, stats)
         version, center = self.core.pull(worker, attempt, seq, record=record)
         return version, center.numpy()
 
@@ -170,9 +179,7 @@ class ServerShard:
                      stats: list[tuple[int, float, float, int, int]]) -> Any:
         from distgrad.transport.core import CommitRequest
 
-        for s_seq, t, loss, correct, n in stats:
-            self.core.stats(worker, attempt, s_seq,
-                            StepStats(loss=loss, correct=correct, samples=n), t=t)
+        self._stats(worker, attempt, stats)
         req = CommitRequest(worker=worker, attempt=attempt, seq=seq, base_version=base_version,
                             steps=steps, samples=samples, position=position,
                             payload=torch.from_numpy(np.array(payload, dtype=np.float32)),
@@ -253,8 +260,11 @@ class WorkerActor:
                 s = req.stats
                 stats.append((seq, time.time() - t0, s.loss, s.correct, s.samples))
                 reply = None
-            elif isinstance(req, Pull):
-                got = ray.get([s.pull.remote(k, attempt, seq, req.record) for s in shards])
+            elif isinstance(req, Pull):  # (a read comes between steps: their stats go first)
+                got = ray.get([s.pull.remote(k, attempt, seq, req.record,
+                                             stats if i == 0 else [])
+                               for i, s in enumerate(shards)])
+                stats = []
                 for (lo, hi), (_, part) in zip(bounds, got, strict=True):
                     req.into[lo:hi].numpy()[:] = part
                 reply = got[0][0]

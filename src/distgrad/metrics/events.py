@@ -109,9 +109,12 @@ class Recorder:
         event.update({k: _finite(v) for k, v in rec.metrics.items()})
         self._emit(event)
 
-    def evaluation(self, t: float, version: int, metrics: dict[str, float | None]) -> None:
+    def evaluation(self, t: float, version: int, metrics: dict[str, float | None],
+                   samples: int | None = None) -> None:
+        """An evaluation of the center as it was at ``t`` (``samples``: the samples committed
+        then; default: now, for engines that evaluate before committing anything more)."""
         self._emit({"type": "eval", "t": t, "version": version,
-                    "samples": self.samples_committed,
+                    "samples": self.samples_committed if samples is None else samples,
                     **{k: _finite(v) for k, v in metrics.items()}})
 
     def fault(self, t: float, worker: int, kind: str, samples_lost: int, **extra: Any) -> None:
