@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +51,25 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**payload, "machine": machine()}, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The finished runs of a JSON-lines results file (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_missing(run_one: Callable[[dict[str, Any]], dict[str, Any]],
+                todo: list[dict[str, Any]], results: Path, jobs: int,
+                describe: Callable[[dict[str, Any]], str]) -> None:
+    """Run ``todo`` in ``jobs`` spawned processes, appending each finished row to
+    ``results`` at once (an interrupted benchmark resumes where it stopped) and printing
+    ``describe(row)`` as progress on stderr."""
+    start = time.perf_counter()
+    with mp.get_context("spawn").Pool(jobs) as pool, results.open("a") as f:
+        for i, row in enumerate(pool.imap_unordered(run_one, todo), 1):
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(f"[{i}/{len(todo)} {time.perf_counter() - start:.0f}s] {describe(row)}",
+                  file=sys.stderr, flush=True)

@@ -24,9 +24,7 @@ would take, independent of this machine's load.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import load_rows, run_missing
 
 ALGORITHMS = ["downpour", "adag", "gem", "dcasgd", "ssp", "diloco-async", "sync", "localsgd",
               "slowmo", "diloco", "easgd", "aeasgd"]
@@ -88,12 +88,6 @@ def time_to(row: dict[str, Any], target: float = TARGET) -> float | None:
 
 def key(r: dict[str, Any]) -> tuple:
     return (r["condition"], r["algorithm"], r["seed"])
-
-
-def load(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def report(rows: list[dict[str, Any]], algorithms: list[str], conditions: list[str]) -> str:
@@ -158,23 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown condition {c!r}; choose from {', '.join(CONDITIONS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = {key(r) for r in load(args.results)}
+    done = {key(r) for r in load_rows(args.results)}
     specs = [dict(condition=c, algorithm=a, seed=s, workers=args.workers,
                   window=WINDOWS.get(a, 1), train_samples=args.train_samples, lr=args.lr)
              for s in seeds for c in conditions for a in algorithms]
     todo = [s for s in specs if key(s) not in done] if not args.report_only else []
     if todo:
         print(f"{len(todo)} runs to do, {args.jobs} processes", file=sys.stderr)
-        start = time.perf_counter()
-        with mp.get_context("spawn").Pool(args.jobs) as pool, args.results.open("a") as f:
-            for i, row in enumerate(pool.imap_unordered(run_one, todo), 1):
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                print(f"[{i}/{len(todo)} {time.perf_counter() - start:.0f}s] {row['condition']} "
-                      f"{row['algorithm']} seed={row['seed']}: acc {row['test_accuracy']:.4f} "
-                      f"t95 {time_to(row)}", file=sys.stderr, flush=True)
+        run_missing(run_one, todo, args.results, args.jobs,
+                    lambda row: f"{row['condition']} {row['algorithm']} seed={row['seed']}: "
+                                f"acc {row['test_accuracy']:.4f} t95 {time_to(row)}")
     wanted = {key(s) for s in specs}
-    rows = [r for r in load(args.results) if key(r) in wanted]
+    rows = [r for r in load_rows(args.results) if key(r) in wanted]
     text = report(rows, algorithms, conditions)
     text += (f"\nSchedule: n={args.workers}, {args.train_samples} training samples split over "
              f"the workers, CNN, plain SGD η={args.lr}, batch 64, seeds {seeds}; step time "

@@ -44,9 +44,7 @@ kernels may differ across CPUs).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -54,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import load_rows, run_missing
 
 #: the asynchronous algorithms, DOWNPOUR first (the baseline)
 ALGORITHMS = ["downpour", "dynsgd", "agn", "adag", "aeasgd", "eamsgd", "gem", "dcasgd",
@@ -110,12 +110,6 @@ def reached(row: dict[str, Any], target: float) -> tuple[int, int] | None:
 
 def key(row: dict[str, Any]) -> tuple:
     return (row["algorithm"], row["workers"], row["seed"])
-
-
-def load(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- report
@@ -275,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{a} is synchronous; this benchmark compares asynchronous algorithms")
 
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = {key(r) for r in load(args.results)}
+    done = {key(r) for r in load_rows(args.results)}
     specs = [dict(algorithm=a, workers=n, seed=s, window=WINDOWS.get(a, 1),
                   train_samples=args.train_samples, epochs=args.epochs,
                   curve_test=args.curve_test,
@@ -285,16 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         print(f"{len(todo)} runs to do ({len(specs) - len(todo)} already in {args.results}), "
               f"{args.jobs} processes", file=sys.stderr)
-        start = time.perf_counter()
-        with mp.get_context("spawn").Pool(args.jobs) as pool, args.results.open("a") as f:
-            for i, row in enumerate(pool.imap_unordered(run_one, todo), 1):
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                print(f"[{i}/{len(todo)} {time.perf_counter() - start:.0f}s] {row['algorithm']} "
-                      f"n={row['workers']} seed={row['seed']}: acc {row['test_accuracy']:.4f} "
-                      f"to95 {reached(row, 0.95)}", file=sys.stderr, flush=True)
+        run_missing(run_one, todo, args.results, args.jobs,
+                    lambda row: f"{row['algorithm']} n={row['workers']} seed={row['seed']}: "
+                                f"acc {row['test_accuracy']:.4f} to95 {reached(row, 0.95)}")
     wanted = {key(s) for s in specs}
-    rows = [r for r in load(args.results) if key(r) in wanted]
+    rows = [r for r in load_rows(args.results) if key(r) in wanted]
     text = table(rows, algorithms, workers)
     text += (f"\n**Training samples to {TARGETS[-1]:.0%} relative to DOWNPOUR at the same n "
              "and seed** (median ratio; < 1 reaches it sooner; — if either never did)\n\n")

@@ -184,14 +184,20 @@ class ServerCore:
         for k in self.server.released():
             slot = self.slots[k]
             req, slot.gated = slot.gated, None
-            if req is None or slot.state != "live" or req.attempt != slot.attempt:
-                continue
-            version, pulled = self._pull(k) if req.want_pull else (self.server.version, None)
-            reply = CommitReply(k, req.attempt, req.seq, version,
-                                req.payload if req.want_reply else None, pulled)
-            slot.commit_seq, slot.cached = req.seq, reply
-            replies.append(reply)
+            replies += self._answer_waiting(slot, req)
         return replies
+
+    def _answer_waiting(self, slot: Slot, req: CommitRequest | None) -> list[CommitReply]:
+        """The reply to a commit that waited (at a barrier or the stale-synchronous gate),
+        if its attempt is still the live one; cached for resends."""
+        if req is None or slot.state != "live" or req.attempt != slot.attempt:
+            return []
+        version, pulled = (self._pull(req.worker) if req.want_pull
+                           else (self.server.version, None))
+        reply = CommitReply(req.worker, req.attempt, req.seq, version,
+                            req.payload if req.want_reply else None, pulled)
+        slot.commit_seq, slot.cached = req.seq, reply
+        return [reply]
 
     def _updated(self, t: float) -> None:
         if self.on_update is not None:
@@ -337,13 +343,7 @@ class ServerCore:
         for p in rec.participants:
             slot = self.slots[p]
             req, slot.parked = slot.parked, None
-            if req is None or slot.state != "live" or req.attempt != slot.attempt:
-                continue
-            version, pulled = self._pull(p) if req.want_pull else (self.server.version, None)
-            reply = CommitReply(p, req.attempt, req.seq, version,
-                                req.payload if req.want_reply else None, pulled)
-            slot.commit_seq, slot.cached = req.seq, reply
-            replies.append(reply)
+            replies += self._answer_waiting(slot, req)
         return replies
 
     def done(self, worker: int, attempt: int, seq: int) -> list[CommitReply]:
