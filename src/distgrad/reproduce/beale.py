@@ -26,9 +26,7 @@ and let an early committer wait at the barrier.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from distgrad.job import Job
 from distgrad.metrics.efficiency import area
 from distgrad.reproduce import thesis_data as T
 from distgrad.reproduce.figures import plt, save
-from distgrad.reproduce.spec import Claim, Experiment, Figure, Results, Verdict
+from distgrad.reproduce.spec import Claim, Experiment, Figure, Results, Verdict, cached_results
 from distgrad.reproduce.toy import BEALE_OPTIMUM, Vector, beale, beale_loss, simulate
 
 WORKERS = 5
@@ -91,19 +89,8 @@ def _run(lam: int, early: bool, knobs: dict[str, Any], seed: int) -> dict[str, A
 def execute(exp: Experiment, scale: str, out: Path, seed: int) -> Results:
     """Run the six simulations (λ × early commit), or reuse ``out/data.json``."""
     knobs = {**SCALE_KNOBS[scale], "seed": seed}
-    path = out / "data.json"
-    key = json.loads(json.dumps(knobs))
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("knobs") == key:
-            return Results(experiment=exp, scale=scale, data=saved,
-                           wall_seconds=saved["wall_seconds"])
-    start = time.perf_counter()
-    runs = [_run(lam, early, knobs, seed) for lam in knobs["windows"] for early in (False, True)]
-    data = {"knobs": key, "runs": runs, "wall_seconds": time.perf_counter() - start}
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return Results(experiment=exp, scale=scale, data=data, wall_seconds=data["wall_seconds"])
+    return cached_results(exp, scale, out, knobs, lambda: {"runs": [
+        _run(lam, early, knobs, seed) for lam in knobs["windows"] for early in (False, True)]})
 
 
 def _get(r: Results, lam: int, early: bool) -> dict[str, Any]:

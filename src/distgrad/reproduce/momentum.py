@@ -22,8 +22,6 @@ mean n − 1 (memoryless service, the paper's model); the simulator's default ``
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,15 @@ from distgrad.engines.timing import Timing
 from distgrad.job import Job
 from distgrad.reproduce.analysis import fit_heavy_ball
 from distgrad.reproduce.figures import plt, save
-from distgrad.reproduce.spec import Claim, Experiment, Figure, Results, Table, Verdict
+from distgrad.reproduce.spec import (
+    Claim,
+    Experiment,
+    Figure,
+    Results,
+    Table,
+    Verdict,
+    cached_results,
+)
 from distgrad.reproduce.toy import Vector, simulate
 
 CURVATURES = (0.5, 1.0, 2.0)
@@ -83,28 +89,21 @@ def mean_trajectory(n: int, timing: str, seeds: int) -> tuple[np.ndarray, float]
 def execute(exp: Experiment, scale: str, out: Path, seed: int) -> Results:
     knobs = {**SCALE_KNOBS[scale], "curvatures": CURVATURES, "kappa": KAPPA,
              "commits_per_worker": COMMITS_PER_WORKER}
-    key = json.loads(json.dumps(knobs))
-    path = out / "data.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("knobs") == key:
-            return Results(experiment=exp, scale=scale, data=saved,
-                           wall_seconds=saved["wall_seconds"])
-    start = time.perf_counter()
-    fits: dict[str, list[dict[str, float]]] = {}
-    for timing in TIMINGS:
-        rows = []
-        for n in knobs["workers"]:
-            traj, tau = mean_trajectory(n, timing, knobs["seeds"])
-            lr = KAPPA / n
-            fit = fit_heavy_ball(traj[2 * n:], CURVATURES, lr)
-            rows.append({"n": n, "mu": fit["mu"], "c_n_over_lr": fit["c_over_lr"] * n,
-                         "r2": fit["r2"], "staleness_mean": tau})
-        fits[timing] = rows
-    data = {"knobs": key, "fits": fits, "wall_seconds": time.perf_counter() - start}
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-    return Results(experiment=exp, scale=scale, data=data, wall_seconds=data["wall_seconds"])
+
+    def compute() -> dict[str, Any]:
+        fits: dict[str, list[dict[str, float]]] = {}
+        for timing in TIMINGS:
+            rows = []
+            for n in knobs["workers"]:
+                traj, tau = mean_trajectory(n, timing, knobs["seeds"])
+                lr = KAPPA / n
+                fit = fit_heavy_ball(traj[2 * n:], CURVATURES, lr)
+                rows.append({"n": n, "mu": fit["mu"], "c_n_over_lr": fit["c_over_lr"] * n,
+                             "r2": fit["r2"], "staleness_mean": tau})
+            fits[timing] = rows
+        return {"fits": fits}
+
+    return cached_results(exp, scale, out, knobs, compute, indent=1)
 
 
 def effective_n(mu: float) -> float:

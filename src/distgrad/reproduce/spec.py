@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -267,3 +268,24 @@ class Results:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def cached_results(exp: Experiment, scale: str, out: Path, knobs: Mapping[str, Any],
+                   compute: Callable[[], dict[str, Any]], indent: int | None = None
+                   ) -> Results:
+    """Results of a computed (non-MNIST) experiment: ``out/data.json`` when it was made with
+    the same ``knobs``, else ``compute()`` (its dict, plus the knobs and the wall time, is
+    written there)."""
+    key = json.loads(json.dumps(knobs))
+    path = out / "data.json"
+    if path.exists():
+        saved = read_json(path)
+        if saved.get("knobs") == key:
+            return Results(experiment=exp, scale=scale, data=saved,
+                           wall_seconds=saved["wall_seconds"])
+    start = time.perf_counter()
+    data = {"knobs": key, **compute()}
+    data["wall_seconds"] = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=indent))
+    return Results(experiment=exp, scale=scale, data=data, wall_seconds=data["wall_seconds"])
