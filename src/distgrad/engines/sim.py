@@ -36,15 +36,24 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distgrad.engines.timing import Timing
 from distgrad.metrics.events import Recorder
-from distgrad.server import ParameterServer, RoundRecord
-from distgrad.worker import Commit, Pull, Step
+from distgrad.protocol.core import ProtocolCore
+from distgrad.protocol.driver import WorkerDriver
+from distgrad.protocol.messages import (
+    AnyRequest,
+    CommitRequest,
+    DoneRequest,
+    PullRequest,
+    Reply,
+    StatsRequest,
+)
+from distgrad.server import ParameterServer
 
 if TYPE_CHECKING:
     from distgrad.job import RunParts
@@ -67,19 +76,22 @@ class EvalSchedule:
 
 @dataclass
 class _State:
-    gen: Generator
-    send: Any = None
+    gen: Generator[AnyRequest, Reply | None, None]
+    send: Reply | None = None
     alive: bool = True
     finished: bool = False
-    parked: Commit | None = None  # waiting at a barrier
-    pending: Commit | None = None  # waiting for the server queue
-    gated: Commit | None = None  # held by the stale-synchronous gate
+    pending: CommitRequest | None = None  # waiting for the server queue
     read_credit: float = 0.0  # a torn read's duration, taken off the next step
-    extra: dict = field(default_factory=dict)
 
 
 class SimEngine:
-    """Discrete-event simulation of asynchronous (or synchronous) workers."""
+    """Discrete-event simulation of asynchronous (or synchronous) workers.
+
+    The simulator is a transport of :class:`~distgrad.protocol.core.ProtocolCore`: each
+    worker is a :class:`~distgrad.protocol.driver.WorkerDriver` generator whose requests
+    are handed to the core at their virtual time; the replies the core returns resume
+    their workers after the commit time (and the torn-read time of a lock-free pull).
+    """
 
     name = "sim"
 
@@ -106,21 +118,24 @@ class SimEngine:
         workers = [parts.make_worker(k) for k in range(len(parts.shards))]
         self.workers = workers
         server.stale_from_engine()  # a worker's base buffer is the center as it pulled it
-        clocks = self.timing.clocks(len(workers), self.seed)
-        self.server, self.workers, self.recorder, self.evals = server, workers, recorder, evals
-        self.clocks = clocks
-        self.states = [_State(gen=w.run()) for w in workers]
+        self.core = ProtocolCore(server, recorder, lambda: self.now,
+                                 totals=[w.batches.total for w in workers],
+                                 on_update=evals.maybe, trusted=True)
+        for k in range(len(workers)):
+            self.core.admit(k, 0)
+        self.clocks = self.timing.clocks(len(workers), self.seed)
+        self.server, self.recorder = server, recorder
+        self.states = [_State(gen=WorkerDriver(w).requests()) for w in workers]
         self.heap: list[tuple[float, int, str, int]] = []
         self.seq = 0
         self.server_free = 0.0
         self.batch_size = max(w.batches.batch_size for w in workers)
-        self.round_bytes = 0
         rule = server.rule
         self.read_time = (rule.read_fraction * self.timing.step_time
                           if rule.lock_free else 0.0)
         self.reads: dict[int, tuple[float, torch.Tensor]] = {}  # torn reads in progress
         evals.maybe(0.0, server.version, 0)
-        for k, clock in enumerate(clocks):
+        for k, clock in enumerate(self.clocks):
             self._push(clock.start_offset(), "run", k)
         for worker, when in self.timing.crashes:
             self._push(when, "crash", worker)
@@ -133,8 +148,11 @@ class SimEngine:
             if kind == "crash":
                 self._crash(k, t)
             elif st.pending is not None:
+                if self.server_free > t:  # the server is still applying an earlier commit
+                    self._push(self.server_free, "run", k)
+                    continue
                 req, st.pending = st.pending, None
-                delay = self._handle_commit(k, req, t)
+                delay = self._commit(k, req, t)
                 if delay is not None:
                     self._push(t + delay, "run", k)
             else:
@@ -152,97 +170,85 @@ class SimEngine:
         self.reads.pop(k, None)  # a torn read of k's has ended
         while True:
             value, st.send = st.send, None
-            try:
-                req = st.gen.send(value)
-            except StopIteration:
-                st.finished = True
-                self.recorder.done(t, k)
-                self._round_done(self.server.leave(k), t)
-                self._release(t)
-                return
-            if isinstance(req, Step):
-                self.recorder.batch(t, k, req.stats)
+            req = st.gen.send(value)
+            if isinstance(req, StatsRequest):
+                self.core.stats(req)
                 frac = req.stats.samples / self.batch_size
                 duration = self.clocks[k].step(frac)
                 if st.read_credit:
                     duration, st.read_credit = max(duration - st.read_credit, 0.0), 0.0
                 self._push(t + duration, "run", k)
                 return
-            if isinstance(req, Pull):
-                st.send = self._pull(k, req.into, t, record=req.record)
-                self.recorder.pull(t, k, st.send, read=not req.record)
+            if isinstance(req, PullRequest):
+                (st.send,) = self.core.pull(req)
+                self._opened_read(k, req.into, t)
                 if self.read_time > 0:
                     self._push(t + self.read_time, "run", k)
                     return
                 continue
-            if isinstance(req, Commit):
+            if isinstance(req, CommitRequest):
+                if req.stale is None:  # k's pull buffer is the center as it pulled it
+                    req.stale = self.workers[k].rep.base
                 if self.timing.server_time > 0 and self.server_free > t:
                     st.pending = req  # queue behind the commit being applied
                     self._push(self.server_free, "run", k)
                     return
-                delay = self._handle_commit(k, req, t)
+                delay = self._commit(k, req, t)
                 if delay is None:
                     return
                 if delay > 0:
                     self._push(t + delay, "run", k)
                     return
                 continue
+            if isinstance(req, DoneRequest):
+                st.finished = True
+                self._resume(self.core.done(req), t, k)
+                return
             raise TypeError(f"unknown request {req!r}")
 
-    def _pull(self, k: int, into: torch.Tensor, t: float, record: bool = True) -> int:
-        """Serve a pull at time t; for a lock-free rule it opens a torn read of ``into``."""
-        version = self.server.pull(k, into, record=record)
-        if self.read_time > 0:
-            self.reads[k] = (t, into)
-            self.states[k].read_credit += self.read_time
-        return version
-
-    def _resume_after_commit(self, k: int, req: Commit, t: float) -> float:
-        """Serve the pull a commit asks for; return the delay before k goes on."""
-        st = self.states[k]
-        if req.pull_into is not None:
-            st.send = self._pull(k, req.pull_into, t)
-            return self.timing.commit_time + self.read_time
-        st.send = self.server.version
-        return self.timing.commit_time
-
-    def _handle_commit(self, k: int, req: Commit, t: float) -> float | None:
-        """Apply a commit at time t. Returns the delay after which the worker goes on, or
+    def _commit(self, k: int, req: CommitRequest, t: float) -> float | None:
+        """Apply a commit at time t. Returns the delay after which worker k goes on, or
         None if it must wait (barrier, stale-synchronous gate)."""
-        server, st = self.server, self.states[k]
         if self.timing.server_time > 0:
             self.server_free = max(self.server_free, t) + self.timing.server_time
-        if server.rule.synchronous:
-            st.parked = req
-            self.round_bytes += req.nbytes
-            self._round_done(server.submit(k, req.payload, req.steps, req.samples), t)
-            return None
         before = self._open_reads_snapshot(t)
-        # the worker's pull buffer is the center as it pulled it: the stale center θ̃_{t−τ}
-        stale = req.stale_center if req.stale_center is not None else self.workers[k].rep.base
-        rec = server.commit(k, req.payload, req.steps, req.samples, stale)
+        replies = self.core.commit(req)
         if before is not None:
             self._tear(t, before)
-        self.recorder.commit(t, rec, nbytes=req.nbytes)
-        self.evals.maybe(t, server.version, self.recorder.samples_committed)
-        if rec.held:
-            st.gated = req
-            self._release(t)
-            return None
-        delay = self._resume_after_commit(k, req, t)
-        self._release(t)
-        return delay
+        return self._resume(replies, t, k, req.seq)
 
-    def _release(self, t: float) -> None:
-        """Resume the workers the stale-synchronous gate lets go."""
-        for p in self.server.released():
-            st = self.states[p]
-            req, st.gated = st.gated, None
-            if not st.alive or req is None:
+    def _resume(self, replies: list[Reply], t: float, k: int, seq: int | None = None
+                ) -> float | None:
+        """Schedule the workers the replies resume. Returns the delay of worker k's own
+        asynchronous commit (``seq``) when it was answered; None when k waits."""
+        mine = None
+        for r in replies:
+            if r.worker == k and r.seq == seq and not self.core.synchronous:
+                mine = r
                 continue
-            self._push(t + self._resume_after_commit(p, req, t), "run", p)
+            if r.kind == "done" or not self.states[r.worker].alive:
+                continue
+            self.states[r.worker].send = r
+            self._push(t + self._delay(r, t), "run", r.worker)
+        if mine is None:
+            return None
+        self.states[k].send = mine
+        return self._delay(mine, t)
+
+    def _delay(self, r: Reply, t: float) -> float:
+        """The round trip of a commit reply, and the torn read of its pull if any."""
+        if r.pulled is None:
+            return self.timing.commit_time
+        self._opened_read(r.worker, r.pulled, t)
+        return self.timing.commit_time + self.read_time
 
     # ------------------------------------------------------------------ torn reads
+    def _opened_read(self, k: int, into: torch.Tensor | None, t: float) -> None:
+        """A pull at time t; for a lock-free rule it opens a torn read of ``into``."""
+        if self.read_time > 0 and into is not None:
+            self.reads[k] = (t, into)
+            self.states[k].read_credit += self.read_time
+
     def _open_reads_snapshot(self, t: float) -> torch.Tensor | None:
         """The center before a commit at t, if some torn read is still sweeping."""
         if not self.reads:
@@ -260,28 +266,11 @@ class SimEngine:
             j0 = min(size, int((t - start) / self.read_time * size))
             buf[j0:].add_(delta[j0:])
 
-    def _round_done(self, rec: RoundRecord | None, t: float) -> None:
-        if rec is None:
-            return
-        self.recorder.round(t, rec, nbytes=self.round_bytes)
-        self.round_bytes = 0
-        self.evals.maybe(t, self.server.version, self.recorder.samples_committed)
-        for p in rec.participants:
-            st = self.states[p]
-            if not st.alive or st.parked is None:
-                continue
-            req, st.parked = st.parked, None
-            self._push(t + self._resume_after_commit(p, req, t), "run", p)
-
     def _crash(self, k: int, t: float) -> None:
-        st, w = self.states[k], self.workers[k]
+        st = self.states[k]
         st.alive = False
         st.gen.close()
         self.reads.pop(k, None)
-        lost = w.uncommitted_samples + len(w.batches.remaining())
-        for req in (st.parked, st.gated):  # its commit already reached the server
-            if req is not None:
-                lost -= req.samples
-        self.recorder.fault(t, k, "crash", samples_lost=lost)
-        self._round_done(self.server.leave(k), t)
-        self._release(t)
+        slot = self.core.slots[k]
+        lost = (slot.total or 0) - slot.position  # uncommitted and unprocessed samples
+        self._resume(self.core.crash(k, "crash", samples_lost=lost), t, k)

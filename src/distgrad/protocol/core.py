@@ -1,0 +1,518 @@
+"""The server side of the protocol, with no I/O: requests in, replies and events out.
+
+:class:`ProtocolCore` sits between a transport and
+:class:`~distgrad.server.ParameterServer`. Every engine drives this one object: the
+simulator from its event heap, ``local`` from its pipes, the network server from its
+socket, the Ray server actors from their method calls (Spark's tasks talk to the
+network server). A transport decodes a message into a request
+(:mod:`distgrad.protocol.messages`), calls :meth:`ProtocolCore.handle`, and encodes the
+replies it gets back — which may be addressed to *other* workers (a completed barrier
+round, workers released by the stale-synchronous gate).
+
+What the core owns:
+
+* **attempts** — each worker slot has one live attempt. A new attempt (a Spark task
+  retry, a restarted Ray actor, a ``distgrad work`` started again) fences the old one:
+  anything still arriving from the old attempt is rejected.
+* **positions and resume** — the core counts the samples each worker has committed
+  (its *position* in its deterministic batch order). A new attempt resumes from there,
+  so a retried task neither loses nor re-applies a window.
+* **exactly once, for every request kind** — a request carries (worker, attempt, seq).
+  The reply to the last answered request is kept: the same request sent again (a lost
+  reply) gets the same reply and has no second effect, whether it is a pull, a read, a
+  commit, a done or a fail. A one-way step report sent twice is counted once. A commit
+  whose window is already in the center (a new attempt resending it) is answered, not
+  re-applied. A commit still waiting at a barrier or at the gate is simply still waiting.
+* **the barrier, the stale-synchronous gate and reads** (the engine-facing protocol of
+  :class:`~distgrad.server.ParameterServer`).
+* **validation** — counters, base version and position always; with ``trusted=False``
+  (any transport whose peers are other processes or hosts) also the payload's shape,
+  dtype and finiteness. A rejected request raises :class:`Rejected`, leaves the center
+  exactly as it was, and its reason is what the transport logs and sends back.
+
+Not thread-safe: a transport calls it from one thread (or under one lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from distgrad.algorithms.base import StepStats
+from distgrad.protocol.messages import (
+    AnyRequest,
+    CommitRequest,
+    DoneRequest,
+    FailRequest,
+    PullRequest,
+    Reply,
+    Request,
+    StatsRequest,
+)
+from distgrad.server import CommitRecord, ParameterServer, RoundRecord
+
+log = logging.getLogger("distgrad.protocol")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff no element is NaN or ±Inf. A finite float32 sum proves it (NaN and Inf
+    propagate through a sum) at the cost of one pass; only a non-finite sum, which may be
+    an overflow of finite values, pays for the exact element-wise check."""
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+class Rejected(Exception):
+    """A request the server refuses; the message is the reason (logged and sent back)."""
+
+
+class EventSink(Protocol):
+    samples_committed: int
+
+    def batch(self, t: float, worker: int, stats: StepStats) -> None: ...
+    def pull(self, t: float, worker: int, version: int, read: bool = False) -> None: ...
+    def commit(self, t: float, rec: CommitRecord, nbytes: int | None = None) -> None: ...
+    def round(self, t: float, rec: RoundRecord, nbytes: int | None = None) -> None: ...
+    def fault(self, t: float, worker: int, kind: str, samples_lost: int, **extra: Any) -> None: ...
+    def done(self, t: float, worker: int) -> None: ...
+
+
+@dataclass
+class Slot:
+    """The server's view of one worker id."""
+
+    attempt: int = -1
+    state: str = "free"  # free | live | done | dead
+    seq: int = -1  # highest sequence number seen from the live attempt
+    answered: Reply | None = None  # the reply to the last answered request (resends)
+    parked: CommitRequest | None = None  # waiting at a synchronous barrier
+    gated: CommitRequest | None = None  # held by the stale-synchronous gate (ssp)
+    position: int = 0  # samples committed (applied or in the open round)
+    uncommitted: int = 0  # samples stepped since the last commit
+    total: int | None = None  # samples this worker has to process, when known
+    last_seen: float = 0.0
+    done_at: float | None = None
+    dead_since: float | None = None
+
+    @property
+    def waiting(self) -> CommitRequest | None:
+        return self.parked or self.gated
+
+
+@dataclass
+class Admission:
+    worker: int
+    attempt: int
+    position: int
+    releases: list[Reply] = field(default_factory=list)
+
+
+class ProtocolCore:
+    """Attempts, positions, exactly-once, barrier, gate and validation around a
+    :class:`ParameterServer` (see the module docstring).
+
+    ``sink`` receives the events (a :class:`~distgrad.metrics.events.Recorder`);
+    ``on_update(t, version, samples_committed)`` is called after each applied commit or
+    round (the evaluation schedule). ``clock()`` gives the event time (wall or virtual).
+    ``totals``: the samples each worker has to process, when the server knows them.
+    ``trusted``: the payloads come from this library's own worker code in the same
+    process or machine (sim, local), so their shape and finiteness are not re-checked —
+    a diverging run is then recorded as diverging instead of being refused.
+    """
+
+    def __init__(self, server: ParameterServer, sink: EventSink | None,
+                 clock: Callable[[], float], totals: list[int] | None = None,
+                 on_update: Callable[[float, int, int], None] | None = None,
+                 trusted: bool = False) -> None:
+        self.server = server
+        self.sink = sink
+        self.clock = clock
+        self.on_update = on_update
+        self.trusted = trusted
+        self.parameters = int(server.center.numel())
+        self.slots = [Slot() for _ in range(server.workers)]
+        if totals is not None:
+            if len(totals) != server.workers:
+                raise ValueError(f"{len(totals)} totals for {server.workers} workers")
+            for slot, total in zip(self.slots, totals, strict=True):
+                slot.total = int(total)
+        self.synchronous = bool(server.rule.synchronous)
+        self.round_bytes = 0
+        start = clock()
+        for slot in self.slots:
+            slot.last_seen = start
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, req: AnyRequest) -> list[Reply]:
+        """Serve one request; return the replies now due (to it and to other workers)."""
+        if isinstance(req, StatsRequest):
+            self.stats(req)
+            return []
+        if isinstance(req, PullRequest):
+            return self.pull(req)
+        if isinstance(req, CommitRequest):
+            return self.commit(req)
+        if isinstance(req, DoneRequest):
+            return self.done(req)
+        if isinstance(req, FailRequest):
+            return self.fail(req)
+        raise Rejected(f"unknown request {type(req).__name__}")
+
+    # ------------------------------------------------------------------ helpers
+    def _check_worker(self, worker: int) -> Slot:
+        if not 0 <= worker < len(self.slots):
+            raise Rejected(f"worker id {worker} out of range 0..{len(self.slots) - 1}")
+        return self.slots[worker]
+
+    def _live(self, worker: int, attempt: int) -> Slot:
+        slot = self._check_worker(worker)
+        if slot.state != "live" or slot.attempt != attempt:
+            live = slot.attempt if slot.state == "live" else None
+            raise Rejected(f"attempt {attempt} of worker {worker} is not live "
+                           f"(state {slot.state}, live attempt {live})")
+        return slot
+
+    def _begin(self, req: Request) -> tuple[Slot | None, list[Reply]]:
+        """Fence and sequence a request. Returns (slot, []) for a new request, or
+        (None, replies) for a resend: its cached reply, or nothing while it waits."""
+        slot = self._check_worker(req.worker)
+        if slot.attempt == req.attempt:
+            cached = slot.answered
+            if cached is not None and cached.seq == req.seq:
+                slot.last_seen = self.clock()
+                log.info("worker %d: request %d received again; answered again, not "
+                         "re-applied", req.worker, req.seq)
+                return None, [_again(cached)]
+            waiting = slot.waiting
+            if waiting is not None and waiting.seq == req.seq:
+                return None, []  # still at the barrier or the gate; answered when released
+        slot = self._live(req.worker, req.attempt)
+        if req.seq <= slot.seq:
+            raise Rejected(f"stale sequence number {req.seq} (already saw {slot.seq})")
+        slot.seq = req.seq
+        slot.last_seen = self.clock()
+        return slot, []
+
+    def _answer(self, slot: Slot, reply: Reply) -> Reply:
+        slot.answered = reply
+        return reply
+
+    def _check_tensor(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype != torch.float32 or t.shape != (self.parameters,):
+            raise Rejected(f"{name} must be float32 of shape ({self.parameters},), got "
+                           f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}")
+        if not all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise Rejected(f"{name} holds {bad} non-finite value(s) (NaN/Inf); not applied")
+
+    def _pull_into(self, worker: int, into: torch.Tensor | None, record: bool = True
+                   ) -> tuple[int, torch.Tensor]:
+        if into is None:
+            into = torch.empty(self.parameters, dtype=torch.float32)
+        return self.server.pull(worker, into, record=record), into
+
+    def _base(self, worker: int) -> int:
+        return self.server.version if self.synchronous else self.server.base_version[worker]
+
+    def _leave(self, worker: int, t: float) -> list[Reply]:
+        self.slots[worker].gated = None
+        return self._round_done(self.server.leave(worker), t) + self._released()
+
+    def _released(self) -> list[Reply]:
+        """Replies to the commits the stale-synchronous gate lets go now."""
+        replies = []
+        for k in self.server.released():
+            slot = self.slots[k]
+            req, slot.gated = slot.gated, None
+            replies += self._answer_waiting(slot, req)
+        return replies
+
+    def _commit_reply(self, req: CommitRequest, version: int, duplicate: bool = False
+                      ) -> Reply:
+        """The reply to a commit that was applied (or waited, or was already applied)."""
+        pulled = None
+        if req.want_pull:
+            version, pulled = self._pull_into(req.worker, req.pull_into)
+        return Reply(req.worker, req.attempt, req.seq, version, self._base(req.worker),
+                     reply=req.payload if req.want_reply else None, pulled=pulled,
+                     duplicate=duplicate)
+
+    def _answer_waiting(self, slot: Slot, req: CommitRequest | None) -> list[Reply]:
+        """The reply to a commit that waited (at a barrier or the stale-synchronous gate),
+        if its attempt is still the live one; kept for resends."""
+        if req is None or slot.state != "live" or req.attempt != slot.attempt:
+            return []
+        return [self._answer(slot, self._commit_reply(req, self.server.version))]
+
+    def _updated(self, t: float) -> None:
+        if self.on_update is not None:
+            committed = self.sink.samples_committed if self.sink is not None else 0
+            self.on_update(t, self.server.version, committed)
+
+    # ------------------------------------------------------------------ joining
+    def admit(self, worker: int | None, attempt: int | None, total: int | None = None
+              ) -> Admission:
+        """Let an attempt of ``worker`` (None: any free or dead slot) join; fence older ones.
+        Admitting the live attempt again before it sent anything (a handshake retried) is
+        answered as the first time."""
+        t = self.clock()
+        if worker is None:
+            free = [k for k, s in enumerate(self.slots) if s.state == "free"]
+            dead = [k for k, s in enumerate(self.slots) if s.state == "dead"]
+            if not free and not dead:
+                raise Rejected(f"all {len(self.slots)} worker slots are taken")
+            worker = (free or dead)[0]
+        slot = self._check_worker(worker)
+        if attempt is None:
+            attempt = slot.attempt + 1
+        if attempt == slot.attempt and slot.state == "live" and slot.seq == -1:
+            return Admission(worker=worker, attempt=attempt, position=slot.position)
+        if attempt <= slot.attempt:
+            raise Rejected(f"attempt {attempt} of worker {worker} is stale: attempt "
+                           f"{slot.attempt} already joined")
+        # A finished worker may come back (a Spark stage re-run after another task
+        # failed): it resumes at its end, has nothing left to train and says done again.
+        if total is not None:
+            if slot.total is not None and slot.total != total:
+                raise Rejected(f"worker {worker} reports {total} samples to process, "
+                               f"the server expects {slot.total}")
+            slot.total = int(total)
+        releases: list[Reply] = []
+        if slot.state == "live":
+            log.warning("worker %d: attempt %d supersedes attempt %d", worker, attempt,
+                        slot.attempt)
+            if self.sink is not None:
+                self.sink.fault(t, worker, "superseded", samples_lost=0,
+                                attempt=slot.attempt)
+            releases = self._leave(worker, t)
+        slot.attempt, slot.state, slot.seq, slot.answered = attempt, "live", -1, None
+        slot.parked, slot.gated, slot.uncommitted = None, None, 0
+        slot.last_seen, slot.dead_since = t, None
+        self.server.active.add(worker)
+        return Admission(worker=worker, attempt=attempt, position=slot.position,
+                         releases=releases)
+
+    def add_work(self, worker: int, samples: int) -> None:
+        """``worker`` was given ``samples`` more to process (reassigned from a dead one)."""
+        slot = self.slots[worker]
+        if slot.total is not None:
+            slot.total += int(samples)
+
+    # ------------------------------------------------------------------ requests
+    def pull(self, req: PullRequest) -> list[Reply]:
+        """A pull, or with ``record=False`` a read (the worker's pull clock stays)."""
+        slot, again = self._begin(req)
+        if slot is None:
+            return again
+        if req.worker in self.server.held:
+            raise Rejected(f"worker {req.worker} is held by the stale-synchronous gate; it "
+                           "may not pull until released")
+        version, pulled = self._pull_into(req.worker, req.into, req.record)
+        if self.sink is not None:
+            self.sink.pull(slot.last_seen, req.worker, version, read=not req.record)
+        return [self._answer(slot, Reply(req.worker, req.attempt, req.seq, version,
+                                         self._base(req.worker), pulled=pulled,
+                                         kind="read" if not req.record else "pull"))]
+
+    def stats(self, req: StatsRequest) -> None:
+        """One local step of the live attempt; a repeated report is counted once."""
+        slot = self._live(req.worker, req.attempt)
+        if req.seq <= slot.seq:
+            return  # a duplicate of a one-way report
+        s = req.stats
+        if not (isinstance(s.samples, int) and 1 <= s.samples <= 1 << 31
+                and 0 <= s.correct <= s.samples):
+            raise Rejected(f"bad step stats {s}")
+        slot.seq = req.seq
+        slot.last_seen = self.clock()
+        slot.uncommitted += s.samples
+        if self.sink is not None:
+            self.sink.batch(slot.last_seen if req.t is None else req.t, req.worker, s)
+
+    def commit(self, req: CommitRequest) -> list[Reply]:
+        """Apply (or park, or re-answer) a commit. Returns the replies now due: the
+        committer's, or — when it completes a synchronous round — every participant's,
+        and those of workers the stale-synchronous gate releases."""
+        slot, again = self._begin(req)
+        if slot is None:
+            return again
+        t = slot.last_seen
+        if req.steps < 1 or req.samples < 0:
+            raise Rejected(f"bad commit counters steps={req.steps} samples={req.samples}")
+        if not self.trusted:
+            self._check_tensor("commit payload", req.payload)
+            if req.stale is not None:
+                self._check_tensor("stale center", req.stale)
+        server = self.server
+        if slot.waiting is not None:
+            raise Rejected(f"worker {req.worker} sent commit {req.seq} while its commit "
+                           f"{slot.waiting.seq} is still waiting")
+        if req.applied:
+            return self._applied(slot, req, t)
+        if req.base_version > server.version:
+            raise Rejected(f"commit built on future version {req.base_version}; the server "
+                           f"is at version {server.version}")
+        if req.base_version != self._base(req.worker):
+            raise Rejected(f"commit built on version {req.base_version}, but worker "
+                           f"{req.worker} last pulled version {self._base(req.worker)} "
+                           "(stale or replayed)")
+        end = slot.position + req.samples
+        if req.position != end:
+            if req.position <= slot.position:
+                log.info("worker %d: window ending at sample %d is already applied; "
+                         "answered, not re-applied", req.worker, req.position)
+                return [self._answer(slot, self._commit_reply(req, server.version,
+                                                              duplicate=True))]
+            raise Rejected(f"commit ends at sample {req.position}, expected {end} "
+                           f"({slot.position} committed + {req.samples})")
+        if slot.total is not None and end > slot.total:
+            raise Rejected(f"commit ends at sample {end}, past the {slot.total} samples "
+                           f"worker {req.worker} has to process")
+        slot.position = end
+        slot.uncommitted = 0
+        if self.synchronous:
+            slot.parked = req
+            self.round_bytes += req.nbytes
+            return self._round_done(server.submit(req.worker, req.payload, req.steps,
+                                                  req.samples), t)
+        rec = server.commit(req.worker, req.payload, req.steps, req.samples, req.stale)
+        if self.sink is not None:
+            self.sink.commit(t, rec, nbytes=req.nbytes)
+        self._updated(t)
+        if rec.held:  # answered when the slowest worker catches up (see _released)
+            slot.gated = req
+            return self._released()
+        reply = self._answer(slot, self._commit_reply(req, rec.version))
+        return [reply, *self._released()]
+
+    def _applied(self, slot: Slot, req: CommitRequest, t: float) -> list[Reply]:
+        """A lock-free commit the worker added into the shared center itself."""
+        if not self.server.rule.lock_free:
+            raise Rejected(f"worker {req.worker} applied a commit itself, but "
+                           f"{type(self.server.rule).__name__} is not lock-free")
+        slot.position += req.samples
+        slot.uncommitted = 0
+        rec = self.server.record_unlocked_commit(req.worker, req.steps, req.samples)
+        if self.sink is not None:
+            self.sink.commit(t, rec, nbytes=req.nbytes)
+        self._updated(t)
+        return [self._answer(slot, Reply(req.worker, req.attempt, req.seq, rec.version,
+                                         rec.version))]
+
+    def _round_done(self, rec: RoundRecord | None, t: float) -> list[Reply]:
+        if rec is None:
+            return []
+        if self.sink is not None:
+            self.sink.round(t, rec, nbytes=self.round_bytes)
+        self.round_bytes = 0
+        self._updated(t)
+        replies = []
+        for p in rec.participants:
+            slot = self.slots[p]
+            req, slot.parked = slot.parked, None
+            replies += self._answer_waiting(slot, req)
+        return replies
+
+    def done(self, req: DoneRequest) -> list[Reply]:
+        slot, again = self._begin(req)
+        if slot is None:
+            return again
+        t = slot.last_seen
+        if slot.total is not None and slot.position != slot.total:
+            raise Rejected(f"worker {req.worker} says it is done at sample {slot.position}, "
+                           f"but has {slot.total} to process")
+        first = slot.done_at is None
+        slot.state, slot.done_at = "done", t
+        if self.sink is not None and first:
+            self.sink.done(t, req.worker)
+        ack = self._answer(slot, Reply(req.worker, req.attempt, req.seq, self.server.version,
+                                       self._base(req.worker), kind="done"))
+        return [ack, *self._leave(req.worker, t)]
+
+    def fail(self, req: FailRequest, samples_lost: int | None = None, **extra: Any
+             ) -> list[Reply]:
+        """The live attempt failed (it says so, or its engine saw it die); the slot may be
+        taken over by a new attempt. ``samples_lost`` (default: its uncommitted samples)
+        and ``extra`` go into the fault event."""
+        slot, again = self._begin(req)
+        if slot is None:
+            return again
+        log.warning("worker %d attempt %d failed: %s", req.worker, req.attempt,
+                    req.reason[:500])
+        ack = self._answer(slot, Reply(req.worker, req.attempt, req.seq, self.server.version,
+                                       self._base(req.worker), kind="fail"))
+        if req.reason:
+            extra.setdefault("reason", req.reason[:500])
+        return [ack, *self._die(req.worker, req.kind, samples_lost, **extra)]
+
+    def crash(self, worker: int, kind: str = "crash", samples_lost: int | None = None,
+              **extra: Any) -> list[Reply]:
+        """The transport saw worker's live attempt die (no request of its own)."""
+        slot = self.slots[worker]
+        if slot.state != "live":
+            return []
+        return self._die(worker, kind, samples_lost, **extra)
+
+    def _die(self, worker: int, kind: str, samples_lost: int | None = None, **extra: Any
+             ) -> list[Reply]:
+        t = self.clock()
+        slot = self.slots[worker]
+        slot.state, slot.dead_since = "dead", t
+        if self.sink is not None:
+            lost = slot.uncommitted if samples_lost is None else samples_lost
+            self.sink.fault(t, worker, kind, samples_lost=lost, attempt=slot.attempt, **extra)
+        slot.uncommitted = 0
+        return self._leave(worker, t)
+
+    def expire(self, timeout: float) -> list[Reply]:
+        """Declare dead every live worker silent for more than ``timeout`` seconds."""
+        now = self.clock()
+        releases: list[Reply] = []
+        for k, slot in enumerate(self.slots):
+            if slot.state in ("live", "free") and now - slot.last_seen > timeout:
+                what = "silent" if slot.state == "live" else "not joined"
+                log.warning("worker %d (attempt %d) %s for %.1f s: declared dead", k,
+                            slot.attempt, what, now - slot.last_seen)
+                kind = "timeout" if slot.state == "live" else "never_joined"
+                releases += self._die(k, kind, silent_seconds=round(now - slot.last_seen, 3))
+        return releases
+
+    def abandon(self, worker: int) -> None:
+        """Give up on a dead or never-started worker: its unprocessed samples are lost."""
+        slot = self.slots[worker]
+        if slot.state in ("done", "live"):
+            raise ValueError(f"worker {worker} is {slot.state}, it cannot be abandoned")
+        lost = (slot.total - slot.position) if slot.total is not None else 0
+        if self.sink is not None:
+            self.sink.fault(self.clock(), worker, "abandoned", samples_lost=lost)
+        slot.state, slot.dead_since = "done", None
+        slot.done_at = self.clock()
+
+    def retire(self, worker: int) -> list[Reply]:
+        """``worker`` has nothing to do (a resumed run where its shard is finished)."""
+        slot = self.slots[worker]
+        slot.state, slot.done_at = "done", self.clock()
+        return self._leave(worker, slot.done_at)
+
+    # ------------------------------------------------------------------ views
+    def finished(self) -> bool:
+        return all(s.state == "done" for s in self.slots)
+
+    def live(self) -> list[int]:
+        return [k for k, s in enumerate(self.slots) if s.state == "live"]
+
+    def positions(self) -> list[int]:
+        return [s.position for s in self.slots]
+
+
+def _again(cached: Reply) -> Reply:
+    """A cached reply sent again: the same answer, marked as a duplicate."""
+    return Reply(cached.worker, cached.attempt, cached.seq, cached.version,
+                 cached.base_version, cached.reply, cached.pulled, duplicate=True,
+                 kind=cached.kind)
