@@ -41,7 +41,6 @@ import signal
 import struct
 import threading
 import time
-import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,7 +53,18 @@ import torch
 import torch.multiprocessing as mp
 
 from distgrad.algorithms.base import StepStats
-from distgrad.worker import BatchSource, Commit, Pull, Step
+from distgrad.protocol.core import ProtocolCore
+from distgrad.protocol.driver import WorkerDriver, drive
+from distgrad.protocol.messages import (
+    AnyRequest,
+    CommitRequest,
+    DoneRequest,
+    FailRequest,
+    PullRequest,
+    Reply,
+    StatsRequest,
+)
+from distgrad.worker import BatchSource, Worker
 
 if TYPE_CHECKING:
     from distgrad.engines.sim import EvalSchedule
@@ -62,13 +72,14 @@ if TYPE_CHECKING:
     from distgrad.metrics.events import Recorder
     from distgrad.server import ParameterServer
 
-# worker -> parent
-_PULL, _STEP, _COMMIT, _DONE, _ERROR, _READ, _APPLIED = 1, 2, 3, 4, 5, 6, 7
+# worker -> parent: requests of the protocol (seq and counters as fixed struct records)
+_PULL, _STEP, _COMMIT, _DONE, _FAIL, _READ, _APPLIED = 1, 2, 3, 4, 5, 6, 7
 # parent -> worker
-_VERSION, _EXTRA, _STOP = 1, 2, 3
-_STEP_FMT = struct.Struct("<Bdqq")  # kind, loss, correct, samples
-_COMMIT_FMT = struct.Struct("<Bqqqq")  # kind, steps, samples, flags, bytes on the wire
-_VERSION_FMT = struct.Struct("<Bq")
+_REPLY, _EXTRA, _STOP = 1, 2, 3
+_STEP_FMT = struct.Struct("<Bqdqq")  # kind, seq, loss, correct, samples
+_REQ_FMT = struct.Struct("<Bqqqqqqq")  # kind, seq, base version, steps, samples, position,
+#                                        flags, bytes on the wire
+_REPLY_FMT = struct.Struct("<Bqqq")  # kind, seq, version, base version
 _F_PULL, _F_STALE = 1, 2
 
 
@@ -79,18 +90,114 @@ class WorkerFailed(RuntimeError):
 # --------------------------------------------------------------------------- worker side
 
 
+class _Stopped(Exception):
+    pass
+
+
+class PipeChannel:
+    """The worker end of the protocol on ``local``: requests as struct records on a pipe,
+    tensors through the shared-memory buffers ``base`` (pulls) and ``payload`` (commits,
+    reads). On the host the replica's own buffers *are* the shared ones: nothing is copied.
+
+    ``center`` is given for lock-free rules (Hogwild): the worker then adds its commits
+    into the shared center itself (:meth:`Algorithm.apply_unlocked`) and copies it out,
+    with no lock, and only tells the parent that it did (for the event log).
+    """
+
+    transport_errors = (_Stopped, EOFError, BrokenPipeError, ConnectionResetError)
+
+    def __init__(self, conn: Connection, worker: Worker, base: torch.Tensor,
+                 payload: torch.Tensor, center: torch.Tensor | None, apply_unlocked: Any,
+                 slow: float) -> None:
+        self.conn, self.worker = conn, worker
+        self.base, self.payload, self.center = base, payload, center
+        self.apply_unlocked = apply_unlocked
+        self.slow = slow
+        self.resumed = time.perf_counter()
+
+    def call(self, req: AnyRequest) -> Reply | None:
+        try:
+            return self._call(req)
+        finally:
+            self.resumed = time.perf_counter()
+
+    def _call(self, req: AnyRequest) -> Reply | None:
+        conn = self.conn
+        if isinstance(req, StatsRequest):
+            if self.slow:  # a straggler: a real slowdown of the simulator's shape
+                time.sleep(self.slow * (time.perf_counter() - self.resumed))
+            s = req.stats
+            conn.send_bytes(_STEP_FMT.pack(_STEP, req.seq, s.loss, s.correct, s.samples))
+            return None
+        if isinstance(req, PullRequest):
+            conn.send_bytes(_REQ_FMT.pack(_PULL if req.record else _READ, req.seq,
+                                          0, 0, 0, 0, 0, 0))
+            reply = self._await(req.seq)
+            src = self.base if req.record else self.payload  # a read lands in payload
+            assert req.into is not None
+            if req.into.data_ptr() != src.data_ptr():
+                req.into.copy_(src)
+            reply.pulled = req.into
+            return reply
+        if isinstance(req, CommitRequest):
+            return self._commit(req)
+        if isinstance(req, DoneRequest):
+            conn.send_bytes(_REQ_FMT.pack(_DONE, req.seq, 0, 0, 0, 0, 0, 0))
+            return self._await(req.seq)
+        if isinstance(req, FailRequest):  # the parent fails the run with this traceback
+            conn.send_bytes(bytes([_FAIL]) + req.reason.encode(errors="replace"))
+            return Reply(req.worker, req.attempt, req.seq, 0, 0, kind="fail")
+        raise TypeError(f"unknown request {req!r}")
+
+    def _commit(self, req: CommitRequest) -> Reply:
+        fields = (req.seq, req.base_version, req.steps, req.samples, req.position)
+        if self.center is not None:  # lock-free: apply it here, tell the parent
+            self.apply_unlocked(self.center, req.payload.to(self.center.device))
+            if req.pull_into is not None:
+                req.pull_into.copy_(self.center)
+            self.conn.send_bytes(_REQ_FMT.pack(_APPLIED, *fields, 0, req.nbytes))
+            return Reply(req.worker, req.attempt, req.seq, req.base_version + 1,
+                         req.base_version + 1, reply=req.payload, pulled=req.pull_into)
+        if req.payload.data_ptr() != self.payload.data_ptr():
+            self.payload.copy_(req.payload)
+        flags = (_F_PULL if req.want_pull else 0) | (_F_STALE if req.stale is not None else 0)
+        self.conn.send_bytes(_REQ_FMT.pack(_COMMIT, *fields, flags, req.nbytes))
+        reply = self._await(req.seq)
+        if req.payload.data_ptr() != self.payload.data_ptr():
+            req.payload.copy_(self.payload)  # the server may have rewritten it
+        reply.reply = req.payload
+        if req.pull_into is not None:
+            if req.pull_into.data_ptr() != self.base.data_ptr():
+                req.pull_into.copy_(self.base)
+            reply.pulled = req.pull_into
+        return reply
+
+    def _await(self, seq: int) -> Reply:
+        """Block until the parent's reply to ``seq``; take in extra work sent before it."""
+        while True:
+            msg = self.conn.recv_bytes()
+            kind = msg[0]
+            if kind == _REPLY:
+                _, rseq, version, base = _REPLY_FMT.unpack(msg)
+                if rseq != seq:
+                    raise RuntimeError(f"reply to request {rseq}, expected {seq}")
+                return Reply(self.worker.id, 0, seq, version, base)
+            if kind == _EXTRA:
+                self.worker.batches.extend(np.frombuffer(msg[1:], dtype=np.int64))
+            elif kind == _STOP:
+                raise _Stopped
+            else:
+                raise RuntimeError(f"unexpected message kind {kind} from the parent")
+
+
 def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
                  conn: Connection, device: str, order: np.ndarray | None,
                  threads: int, center: torch.Tensor | None) -> None:
-    """Entry point of worker process k: build the worker, serve its generator over the pipe.
+    """Entry point of worker process k: build the worker, drive it over the pipe.
 
     A straggler (``k < timing.stragglers``) sleeps ``(straggler_factor − 1)`` times
     each step's compute time after the step: a real slowdown of the same shape as
     the simulator's.
-
-    ``center`` is given for lock-free rules (Hogwild): the worker then adds its
-    commits into the shared center and copies it out itself, with no lock, and
-    only tells the parent that it did (for the event log).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orchestrates Ctrl-C
     torch.set_num_threads(threads)
@@ -103,82 +210,13 @@ def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
                 parts.dataset.x_train, parts.dataset.y_train, order, parts.job.batch_size,
                 device=device)
         rep = worker.rep
-        on_host = rep.params.device.type == "cpu"
-        if on_host:  # the replica reads and writes the shared buffers directly
+        if rep.params.device.type == "cpu":  # the replica reads and writes the shared buffers
             rep.base, rep.payload = base, payload
-        gen = worker.run()
-        value: Any = None
-        resumed = time.perf_counter()
-        while True:
-            try:
-                req = gen.send(value)
-            except StopIteration:
-                conn.send_bytes(bytes([_DONE]))
-                return
-            value = None
-            if isinstance(req, Step):
-                if slow:
-                    time.sleep(slow * (time.perf_counter() - resumed))
-                s = req.stats
-                conn.send_bytes(_STEP_FMT.pack(_STEP, s.loss, s.correct, s.samples))
-            elif isinstance(req, Pull):
-                if req.record:  # the parent copies the center into base[k]
-                    conn.send_bytes(bytes([_PULL]))
-                    value = _await_version(conn, worker)
-                    if req.into.data_ptr() != base.data_ptr():
-                        req.into.copy_(base)
-                else:  # a read: the parent copies the center into payload[k], free until
-                    conn.send_bytes(bytes([_READ]))  # this worker's next commit
-                    value = _await_version(conn, worker)
-                    req.into.copy_(payload)
-            elif isinstance(req, Commit) and center is not None:
-                center.add_(req.payload.to(center.device))  # lock-free, as Hogwild does
-                if req.pull_into is not None:
-                    req.pull_into.copy_(center)
-                conn.send_bytes(_COMMIT_FMT.pack(_APPLIED, req.steps, req.samples, 0,
-                                                 req.nbytes))
-            elif isinstance(req, Commit):
-                if req.payload.data_ptr() != payload.data_ptr():
-                    payload.copy_(req.payload)
-                flags = (_F_PULL if req.pull_into is not None else 0) | (
-                    _F_STALE if req.stale_center is not None else 0)
-                conn.send_bytes(_COMMIT_FMT.pack(_COMMIT, req.steps, req.samples, flags,
-                                                 req.nbytes))
-                value = _await_version(conn, worker)
-                if not on_host:
-                    req.payload.copy_(payload)  # the server may have rewritten it
-                    if req.pull_into is not None:
-                        req.pull_into.copy_(base)
-            else:
-                raise TypeError(f"unknown request {req!r}")
-            resumed = time.perf_counter()
-    except _Stopped:
-        return
-    except (EOFError, BrokenPipeError):
-        return  # the parent is gone: exit quietly instead of lingering as an orphan
-    except BaseException:
-        with contextlib.suppress(OSError):
-            conn.send_bytes(bytes([_ERROR]) + traceback.format_exc().encode())
-        raise
-
-
-class _Stopped(Exception):
-    pass
-
-
-def _await_version(conn: Connection, worker: Any) -> int:
-    """Block until the parent's reply; take in extra work sent before it."""
-    while True:
-        msg = conn.recv_bytes()
-        kind = msg[0]
-        if kind == _VERSION:
-            return _VERSION_FMT.unpack(msg)[1]
-        if kind == _EXTRA:
-            worker.batches.extend(np.frombuffer(msg[1:], dtype=np.int64))
-        elif kind == _STOP:
-            raise _Stopped
-        else:
-            raise RuntimeError(f"unexpected message kind {kind} from the parent")
+        channel = PipeChannel(conn, worker, base, payload, center,
+                              parts.algorithm.apply_unlocked, slow)
+        drive(WorkerDriver(worker), channel)
+    except PipeChannel.transport_errors:
+        return  # stopped, or the parent is gone: exit quietly instead of lingering
 
 
 # --------------------------------------------------------------------------- parent side
@@ -194,16 +232,9 @@ class _Slot:
     base: torch.Tensor
     payload: torch.Tensor
     order: np.ndarray  # every sample assigned to this worker, in visiting order
-    committed: int = 0  # samples of ``order`` whose effect reached the center
     alive: bool = True
     done: bool = False
-    parked: tuple[int, int, int] | None = None  # (steps, samples, flags) at a barrier
-    gated: int | None = None  # flags of a commit held by the stale-synchronous gate
     deferred: deque = field(default_factory=deque)  # replay: requests not yet due
-
-    @property
-    def remaining(self) -> np.ndarray:
-        return self.order[self.committed:]
 
 
 def replay_schedule(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
@@ -256,6 +287,8 @@ class LocalEngine:
         torch.set_num_threads(1)  # the parent only copies buffers and evaluates
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distgrad-eval")
         self.slots: list[_Slot] = []
+        self.core = ProtocolCore(server, recorder, self._t, totals=[len(o) for o in orders],
+                                 on_update=self._on_update, trusted=True)
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:  # children inherit SIG_IGN: Ctrl-C reaches only the parent's handler
             old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -274,8 +307,9 @@ class LocalEngine:
                 self.slots.append(slot)
                 if done_already:
                     slot.done, slot.alive = True, False
-                    server.leave(k)
+                    self.core.retire(k)
                     continue
+                self.core.admit(k, 0)
                 proc.start()
                 child_end.close()
                 recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
@@ -286,7 +320,6 @@ class LocalEngine:
                 # left half-applied in the center or in a checkpoint
                 signal.signal(signal.SIGINT, self._request_stop)
         self.deferred: list[tuple[float, int, list[torch.Tensor], int]] = []
-        self.round_bytes = 0
         try:
             self._maybe_eval()
             self._serve()
@@ -369,36 +402,46 @@ class LocalEngine:
                 return
             self._handle(slot, msg)
 
+    def _remaining(self, slot: _Slot) -> np.ndarray:
+        """The samples of ``slot``'s order whose effect has not reached the center (a commit
+        waiting at a barrier or the gate has reached it)."""
+        return slot.order[self.core.slots[slot.k].position:]
+
     def _handle(self, slot: _Slot, msg: bytes) -> None:
-        kind = msg[0]
+        """Decode one message of worker ``slot.k`` into a protocol request and serve it."""
+        kind, k = msg[0], slot.k
         if kind == _STEP:
-            _, loss, correct, samples = _STEP_FMT.unpack(msg)
-            self.recorder.batch(self._t(), slot.k, StepStats(loss, correct, samples))
-        elif kind == _APPLIED:
-            _, steps, samples, _, nbytes = _COMMIT_FMT.unpack(msg)
-            slot.committed += samples
-            self.recorder.commit(self._t(), self.server.record_unlocked_commit(
-                slot.k, steps, samples), nbytes=nbytes)
-            self._maybe_eval()
-        elif kind in (_PULL, _COMMIT, _READ):
-            op = ({_PULL: "pull", _READ: "read"}.get(kind, "commit"), msg)
-            if self.replay is not None:
-                slot.deferred.append(op)
-                self._run_replay()
-            else:
-                self._apply(slot, *op)
-        elif kind == _DONE:
-            slot.done = True
-            self.recorder.done(self._t(), slot.k)
-            self._release(self.server.leave(slot.k))
-        elif kind == _ERROR:
+            _, seq, loss, correct, samples = _STEP_FMT.unpack(msg)
+            self.core.stats(StatsRequest(k, 0, seq, StepStats(loss, correct, samples)))
+            return
+        if kind == _FAIL:
             text = msg[1:].decode(errors="replace")
-            raise WorkerFailed(f"worker {slot.k} raised:\n{text}")
+            raise WorkerFailed(f"worker {k} raised:\n{text}")
+        try:
+            _, seq, base, steps, samples, position, flags, nbytes = _REQ_FMT.unpack(msg)
+        except struct.error:
+            raise RuntimeError(f"unreadable message of kind {kind} from worker {k}") from None
+        req: AnyRequest
+        if kind in (_PULL, _READ):
+            read = kind == _READ
+            req = PullRequest(k, 0, seq, record=not read, into=slot.payload if read else slot.base)
+        elif kind in (_COMMIT, _APPLIED):
+            req = CommitRequest(k, 0, seq, base_version=base, steps=steps, samples=samples,
+                                position=position, payload=slot.payload, stale=slot.base,
+                                want_pull=bool(flags & _F_PULL), pull_into=slot.base,
+                                nbytes=nbytes, applied=kind == _APPLIED)
+        elif kind == _DONE:
+            req = DoneRequest(k, 0, seq)
         else:
-            raise RuntimeError(f"unknown message kind {kind} from worker {slot.k}")
+            raise RuntimeError(f"unknown message kind {kind} from worker {k}")
+        if self.replay is not None and kind in (_PULL, _READ, _COMMIT):
+            slot.deferred.append(({_PULL: "pull", _READ: "read"}.get(kind, "commit"), req))
+            self._run_replay()
+        else:
+            self._serve_request(slot, req)
 
     def _run_replay(self) -> None:
-        """Apply deferred requests in the recorded order, as far as they have arrived."""
+        """Serve deferred requests in the recorded order, as far as they have arrived."""
         assert self.replay is not None
         progressed = True
         while progressed and self.replay:
@@ -407,7 +450,7 @@ class LocalEngine:
             slot = self.slots[w]
             if slot.deferred and slot.deferred[0][0] == kind:
                 self.replay.popleft()
-                self._apply(slot, *slot.deferred.popleft())
+                self._serve_request(slot, slot.deferred.popleft()[1])
                 progressed = True
             elif slot.deferred:
                 raise RuntimeError(
@@ -416,69 +459,29 @@ class LocalEngine:
         if not self.replay:  # the recording is exhausted: serve what is left directly
             for s in self.slots:
                 while s.deferred:
-                    self._apply(s, *s.deferred.popleft())
+                    self._serve_request(s, s.deferred.popleft()[1])
             self.replay = None
 
-    def _apply(self, slot: _Slot, kind: str, msg: bytes) -> None:
-        server, rec = self.server, self.recorder
-        if kind in ("pull", "read"):
-            read = kind == "read"
-            version = server.pull(slot.k, slot.payload if read else slot.base, record=not read)
-            rec.pull(self._t(), slot.k, version, read=read)
-            self._reply(slot, version)
-            return
-        _, steps, samples, flags, nbytes = _COMMIT_FMT.unpack(msg)
-        if server.rule.synchronous:
-            slot.parked = (steps, samples, flags)
-            self.round_bytes += nbytes
-            self._release(server.submit(slot.k, slot.payload, steps, samples))
-            return
-        r = server.commit(slot.k, slot.payload, steps, samples, stale_center=slot.base)
-        slot.committed += samples
-        rec.commit(self._t(), r, nbytes=nbytes)
-        self._maybe_eval()
-        if r.held:  # stale-synchronous gate: no reply until the slowest worker catches up
-            slot.gated = flags
-        else:
-            self._reply(slot, server.pull(slot.k, slot.base) if flags & _F_PULL else r.version)
-        self._release_gated()
+    def _serve_request(self, slot: _Slot, req: AnyRequest) -> None:
+        if isinstance(req, DoneRequest):
+            slot.done = True
+        if isinstance(req, CommitRequest) and req.applied:
+            self.core.commit(req)
+            return  # the lock-free worker does not wait for an answer
+        self._send_replies(self.core.handle(req))
 
-    def _release_gated(self) -> None:
-        """Reply to the workers the stale-synchronous gate lets go."""
-        for p in self.server.released():
-            slot = self.slots[p]
-            flags, slot.gated = slot.gated, None
-            if slot.alive and flags is not None:
-                self._reply(slot, self.server.pull(p, slot.base) if flags & _F_PULL
-                            else self.server.version)
-
-    def _release(self, record: Any) -> None:
-        """After a leave or a completed synchronous round: reply to every worker that may go
-        on (round participants, workers the stale-synchronous gate releases)."""
-        self._release_gated()
-        if record is None:
-            return
-        self.recorder.round(self._t(), record, nbytes=self.round_bytes)
-        self.round_bytes = 0
-        for p in record.participants:
-            slot = self.slots[p]
-            if slot.parked is None:
-                continue
-            _, samples, flags = slot.parked
-            slot.parked = None
-            slot.committed += samples
+    def _send_replies(self, replies: list[Reply]) -> None:
+        for r in replies:
+            slot = self.slots[r.worker]
             if not slot.alive:
                 continue
-            version = (self.server.pull(p, slot.base) if flags & _F_PULL
-                       else self.server.version)
-            self._reply(slot, version)
-        self._maybe_eval()
+            try:
+                slot.conn.send_bytes(_REPLY_FMT.pack(_REPLY, r.seq, r.version, r.base_version))
+            except (BrokenPipeError, OSError):
+                self._died(slot)
 
-    def _reply(self, slot: _Slot, version: int) -> None:
-        try:
-            slot.conn.send_bytes(_VERSION_FMT.pack(_VERSION, version))
-        except (BrokenPipeError, OSError):
-            self._died(slot)
+    def _on_update(self, t: float, version: int, committed: int) -> None:
+        self._maybe_eval()
 
     # ------------------------------------------------------------------ failures
     def _died(self, slot: _Slot) -> None:
@@ -487,24 +490,22 @@ class LocalEngine:
         slot.alive = False
         slot.proc.join(timeout=1.0)
         code = slot.proc.exitcode
-        lost = slot.remaining
-        if slot.parked is not None:  # its commit already reached the server
-            lost = lost[slot.parked[1]:]
+        lost = self._remaining(slot)
         kind = f"killed by signal {-code}" if code is not None and code < 0 else (
             f"exited with code {code}")
         reassigned_to = None
         if self.job.on_failure == "reassign" and len(lost):
             heirs = [s for s in self.slots if s.alive and not s.done]
             if heirs:
-                heir = min(heirs, key=lambda s: len(s.remaining))
+                heir = min(heirs, key=lambda s: len(self._remaining(s)))
                 heir.order = np.concatenate([heir.order, lost])
+                self.core.add_work(heir.k, len(lost))
                 self._send_extra(heir, lost)
                 reassigned_to = heir.k
         samples_lost = 0 if reassigned_to is not None else len(lost)
-        self.recorder.fault(self._t(), slot.k, "died", samples_lost=samples_lost,
-                            detail=kind, uncommitted=len(lost),
-                            reassigned_to=reassigned_to)
-        self._release(self.server.leave(slot.k))
+        self._send_replies(self.core.crash(slot.k, "died", samples_lost=samples_lost,
+                                           detail=kind, uncommitted=len(lost),
+                                           reassigned_to=reassigned_to))
 
     def _send_extra(self, slot: _Slot, indices: np.ndarray) -> None:
         try:
@@ -534,13 +535,13 @@ class LocalEngine:
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self) -> dict[str, Any] | None:
         """Server state, clock and each worker's uncommitted samples; None mid-round."""
-        if self.server._round:
+        if self.server._round:  # mid-round (synchronous): the last snapshot stands
             return None
         return {
             "format": 1,
             "t": self._t(),
             "server": self.server.state_dict(),
-            "orders": [torch.from_numpy(s.remaining.copy()) for s in self.slots],
+            "orders": [torch.from_numpy(self._remaining(s).copy()) for s in self.slots],
             "samples": self.recorder.samples,
             "samples_committed": self.recorder.samples_committed,
             "commits": self.recorder.commits,
