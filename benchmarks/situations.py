@@ -62,7 +62,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_model("cnn", spec["seed"])
     n_train = spec["train_samples"]
     start = time.perf_counter()
-    res = train(algorithm=spec["algorithm"], workers=spec["workers"], window=spec["window"],
+    res = train(engine="sim", algorithm=spec["algorithm"], workers=spec["workers"],
+                window=spec["window"],
                 epochs=1, batch_size=64, lr=spec["lr"], inner_optimizer="sgd",
                 seed=spec["seed"], model=model, data=(d.x_train[:n_train], d.y_train[:n_train]),
                 test_data=(d.x_test[:1000], d.y_test[:1000]), eval_every=0.1,

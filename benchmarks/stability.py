@@ -78,7 +78,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     n_train, n_curve = spec["train_samples"], spec["curve_test"]
     model = build_model("cnn", spec["seed"])
     start = time.perf_counter()
-    res = train(algorithm=spec["algorithm"], workers=spec["workers"], window=spec["window"],
+    res = train(engine="sim", algorithm=spec["algorithm"], workers=spec["workers"],
+                window=spec["window"],
                 epochs=spec.get("epochs", 1), batch_size=spec["batch_size"], lr=spec["lr"],
                 inner_optimizer="sgd", seed=spec["seed"], model=model,
                 data=(d.x_train[:n_train], d.y_train[:n_train]),

@@ -28,14 +28,14 @@ SECRET = b"benchmark-secret-benchmark-secret"
 def serve(n: int, integrity: str, queue: mp.Queue, stop: mp.Event) -> None:
     torch.set_num_threads(1)
     from distgrad.algorithms import RunInfo, get_algorithm
+    from distgrad.protocol.core import ProtocolCore
     from distgrad.server import ParameterServer
-    from distgrad.transport.core import ServerCore
     from distgrad.transport.server import NetServer
 
     algo = get_algorithm("downpour")
     rule = algo.server_rule(algo.make_config({"window": 1}), RunInfo(1, 0.1, "sgd"))
     server = ParameterServer(torch.zeros(n), rule, workers=1, track_distance=False)
-    core = ServerCore(server, None, time.perf_counter)
+    core = ProtocolCore(server, None, time.perf_counter)
     net = NetServer(core, SECRET, integrity=integrity, worker_timeout=3600)
     queue.put(net.address)
     net.serve(until=stop.is_set)

@@ -21,7 +21,7 @@ def params_of(result) -> torch.Tensor:
 def run(name, mnist_small, tiny_mlp, **kw):
     base = dict(FAST, seed=3, model=tiny_mlp, **mnist_small)
     base.update(kw)
-    return train(algorithm=name, **base)
+    return train(engine="sim", algorithm=name, **base)
 
 
 # --------------------------------------------------------------------------- equivalences
@@ -157,7 +157,7 @@ def test_hogwild_torn_read_by_hand():
     t=1.5   w1 steps from (0, 3): s = (0, 0.5); t=1.75 w0 steps from (1, 3): (0.5, -0.5)
     t=2.0   w1 commits (0, 0.5): c = (1, 3.5);  t=2.5 w0 commits: c = (1.5, 3)
     """
-    res = train(algorithm="hogwild", workers=2, epochs=2, batch_size=1, lr=0.5,
+    res = train(engine="sim", algorithm="hogwild", workers=2, epochs=2, batch_size=1, lr=0.5,
                 inner_optimizer="sgd", sharding="contiguous", model=Point(), loss_fn=half_sq,
                 data=point_data([[2, 2], [0, 4]]), test_data=point_data([[0, 0]]),
                 params={"read_fraction": 0.5},

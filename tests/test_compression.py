@@ -15,7 +15,7 @@ FAST = dict(epochs=1, batch_size=64, lr=1e-3, inner_optimizer="adam", eval_every
 def run(name, mnist_small, tiny_mlp, **kw):
     base = dict(FAST, seed=3, model=tiny_mlp, **mnist_small)
     base.update(kw)
-    return train(algorithm=name, **base)
+    return train(engine="sim", algorithm=name, **base)
 
 
 # --------------------------------------------------------------------------- compression

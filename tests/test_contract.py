@@ -30,12 +30,12 @@ def window_for(name: str) -> int:
 def test_every_algorithm_learns_mnist_and_is_deterministic(name, mnist_small, tiny_mlp):
     kw = dict(algorithm=name, workers=workers_for(name), window=window_for(name), epochs=2,
               batch_size=32, lr=2e-3, seed=4, model=tiny_mlp, eval_every=10.0, **mnist_small)
-    a = train(**kw)
+    a = train(engine="sim", **kw)
     # 3,000 images, 2 epochs, a 32-unit MLP: sequential reaches ~0.87, EAMSGD (momentum 0.9
     # on top of Adam) ~0.73; chance is 0.1
     assert a.test_accuracy > 0.7, (name, a.test_accuracy)
     assert not a.diverged
-    b = train(**kw)
+    b = train(engine="sim", **kw)
     assert a.params_sha256 == b.params_sha256
 
 

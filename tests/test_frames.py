@@ -131,7 +131,7 @@ def test_json_payloads_are_objects_of_bounded_size() -> None:
 def test_all_finite_agrees_with_the_elementwise_check(values: list[float]) -> None:
     import torch
 
-    from distgrad.transport.core import all_finite
+    from distgrad.protocol.core import all_finite
 
     t = torch.tensor(values, dtype=torch.float32)
     assert all_finite(t) == bool(torch.isfinite(t).all())
@@ -140,7 +140,7 @@ def test_all_finite_agrees_with_the_elementwise_check(values: list[float]) -> No
 def test_all_finite_is_not_fooled_by_an_overflowing_sum() -> None:
     import torch
 
-    from distgrad.transport.core import all_finite
+    from distgrad.protocol.core import all_finite
 
     assert all_finite(torch.full((10,), 3.4e38))
     assert not all_finite(torch.tensor([1.0, float("inf"), float("-inf")]))

@@ -16,7 +16,7 @@ import torch
 
 from distgrad import ConfigError, Timing, train
 from distgrad.algorithms import get_algorithm, names
-from distgrad.engines.local import read_checkpoint
+from distgrad.rundir import read_checkpoint
 
 SMALL = dict(epochs=2, batch_size=32, lr=2e-3, eval_every=10.0)
 

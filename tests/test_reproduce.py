@@ -262,8 +262,9 @@ def test_beale_has_its_minimum_at_three_one_half():
 
 
 def test_probe_traces_every_step_and_changes_nothing():
-    job = Job(algorithm="easgd", workers=2, window=3, params={"rho": 5.0, "elastic_lr": 1e-3},
-              lr=1e-3, inner_optimizer="sgd", batch_size=1, epochs=1, sharding="contiguous",
+    job = Job(algorithm="easgd", engine="sim", workers=2, window=3,
+              params={"rho": 5.0, "elastic_lr": 1e-3}, lr=1e-3, inner_optimizer="sgd",
+              batch_size=1, epochs=1, sharding="contiguous",
               timing=Timing(model="constant", step_time=1.0), track_distance=False,
               record_batches=False)
     noise = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
@@ -288,8 +289,8 @@ def test_probe_traces_every_step_and_changes_nothing():
 
 
 def test_simulate_records_the_center_after_every_commit():
-    job = Job(algorithm="downpour", workers=2, window=1, lr=0.5, inner_optimizer="sgd",
-              batch_size=1, epochs=1, sharding="contiguous",
+    job = Job(algorithm="downpour", engine="sim", workers=2, window=1, lr=0.5,
+              inner_optimizer="sgd", batch_size=1, epochs=1, sharding="contiguous",
               timing=Timing(model="constant", step_time=1.0), track_distance=False,
               record_batches=False)
     # the hand-computed lockstep of tests/test_equivalences.py: centers (1,0), (1,2), ...

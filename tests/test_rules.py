@@ -13,7 +13,7 @@ import torch
 from conftest import Point, half_sq
 from distgrad.algorithms import RunInfo, get_algorithm
 from distgrad.algorithms.base import CommitContext
-from distgrad.worker import Replica
+from distgrad.replica import Replica
 
 T = torch.tensor
 

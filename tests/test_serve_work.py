@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from distgrad import train
 from distgrad.engines.net import NetEngine
 from distgrad.errors import ConfigError
 from distgrad.job import Job
+from distgrad.protocol.messages import CommitRequest
 from distgrad.transport.client import NetClient, RemoteError, run_worker
 from distgrad.transport.jobspec import job_from_dict, parts_from_job
 
@@ -53,15 +53,16 @@ def remote_worker(address: str, worker: int | None = None, stop_after: int | Non
         w = parts_from_job(job).make_worker(client.worker)
         if stop_after is not None:  # die after a few commits, as a killed process would
             commits = [0]
-            real = client.commit
+            real = client.call
 
-            def commit(*a, **kw):
-                if commits[0] == stop_after:
-                    raise KeyboardInterrupt("killed")
-                commits[0] += 1
-                return real(*a, **kw)
+            def call(req):
+                if isinstance(req, CommitRequest):
+                    if commits[0] == stop_after:
+                        raise KeyboardInterrupt("killed")
+                    commits[0] += 1
+                return real(req)
 
-            client.commit = commit  # type: ignore[method-assign]
+            client.call = call  # type: ignore[method-assign]
         run_worker(client, w)
 
 
@@ -75,7 +76,7 @@ def test_job_travels_as_json_and_comes_back_equal() -> None:
 
 @pytest.mark.parametrize("algorithm", ["agn", "aeasgd"])
 def test_one_remote_worker_gives_the_sim_parameters_bit_for_bit(algorithm: str) -> None:
-    sim = train(Job(algorithm=algorithm, workers=1, window=3, seed=4, **SMALL))
+    sim = train(Job(algorithm=algorithm, engine="sim", workers=1, window=3, seed=4, **SMALL))
     job = Job(algorithm=algorithm, workers=1, window=3, seed=4, engine="net", **SMALL)
     _, thread, out, address = serve_in_thread(job)
     remote_worker(address)
@@ -136,13 +137,35 @@ def test_cli_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
                         "--secret-file", str(secret)], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 2 and "readable by others" in r.stderr
-    assert torch is not None
+    assert secret.read_text() == "x" * 40 and secret.stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_worker_with_a_private_secret_file_trains_the_served_job(tmp_path: Path) -> None:
+    """The refusals above are about the secret alone: against a live server, a group/other
+    readable copy of the right secret is refused before connecting (nothing is admitted),
+    and the same file at mode 600 joins as attempt 0 and trains the whole job."""
+    job = Job(algorithm="agn", workers=1, window=3, seed=4, engine="net", **SMALL)
+    _, thread, out, address = serve_in_thread(job)
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    secret = tmp_path / "s"
+    secret.write_bytes(SECRET + b"\n")
+    cmd = [sys.executable, "-m", "distgrad", "work", "--connect", address, "--secret-file",
+           str(secret), "--timeout", "30"]
+    secret.chmod(0o640)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "readable by others (mode 640)" in r.stderr
+    secret.chmod(0o600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "worker 0 attempt 0" in r.stderr  # the refused run was never admitted
+    thread.join(120)
+    assert out["result"].samples == 600 and out["result"].commits == 4  # windows 3+3+3+1
 
 
 def test_one_remote_worker_with_reads_gives_the_sim_parameters() -> None:
     """GEM (worker placement) reads the center before each commit: a read over the network
     leaves the worker's pull clock alone, as in sim."""
-    sim = train(Job(algorithm="gem", workers=1, window=3, seed=4, **SMALL))
+    sim = train(Job(algorithm="gem", engine="sim", workers=1, window=3, seed=4, **SMALL))
     job = Job(algorithm="gem", workers=1, window=3, seed=4, engine="net", **SMALL)
     _, thread, out, address = serve_in_thread(job)
     remote_worker(address)

@@ -8,33 +8,36 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import Point, half_sq, point_data
 from distgrad import Timing, train
-from distgrad.worker import Replica
+from distgrad.engines.sim import SimEngine
+from distgrad.job import Job
+from distgrad.replica import Replica
 
 FAST = dict(epochs=1, batch_size=32, lr=1e-3, inner_optimizer="adam", eval_every=0.5)
 
 
 def test_same_seed_gives_identical_parameters_and_event_log(mnist_small, tiny_mlp, tmp_path):
-    runs = [train(algorithm="adag", workers=4, window=3, seed=11, model=tiny_mlp,
+    runs = [train(engine="sim", algorithm="adag", workers=4, window=3, seed=11, model=tiny_mlp,
                   out=tmp_path / f"r{i}", **FAST, **mnist_small) for i in range(2)]
     assert runs[0].params_sha256 == runs[1].params_sha256
     assert (tmp_path / "r0" / "events.jsonl").read_bytes() == \
         (tmp_path / "r1" / "events.jsonl").read_bytes()
     other = train(algorithm="adag", workers=4, window=3, seed=12, model=tiny_mlp, **FAST,
-                  **mnist_small)
+                  engine="sim", **mnist_small)
     assert other.params_sha256 != runs[0].params_sha256
 
 
 @pytest.mark.parametrize("n", [4, 8])
 def test_mean_staleness_is_close_to_n_minus_one(n, mnist_small, tiny_mlp):
-    res = train(algorithm="downpour", workers=n, window=1, seed=1, model=tiny_mlp,
+    res = train(engine="sim", algorithm="downpour", workers=n, window=1, seed=1, model=tiny_mlp,
                 track_distance=False, record_batches=False, epochs=2, batch_size=16, lr=1e-3,
                 eval_every=100.0, **mnist_small)
     assert abs(res.staleness_mean - (n - 1)) <= 0.1 * (n - 1)
 
 
 def test_constant_timing_is_lockstep_round_robin(mnist_small, tiny_mlp):
-    res = train(algorithm="downpour", workers=4, window=2, seed=1, model=tiny_mlp,
+    res = train(engine="sim", algorithm="downpour", workers=4, window=2, seed=1, model=tiny_mlp,
                 timing=Timing(model="constant"), **FAST, **mnist_small)
     commits = [e for e in res.events if e["type"] == "commit"]
     assert [c["worker"] for c in commits[:12]] == [0, 1, 2, 3] * 3
@@ -43,7 +46,7 @@ def test_constant_timing_is_lockstep_round_robin(mnist_small, tiny_mlp):
 
 def test_jitter_breaks_the_lockstep(mnist_small, tiny_mlp):
     res = train(algorithm="downpour", workers=4, window=2, seed=1, model=tiny_mlp, **FAST,
-                **mnist_small)
+                engine="sim", **mnist_small)
     commits = [e for e in res.events if e["type"] == "commit"]
     rounds = [tuple(c["worker"] for c in commits[i:i + 4]) for i in range(0, 40, 4)]
     assert len(set(rounds)) > 1
@@ -51,7 +54,7 @@ def test_jitter_breaks_the_lockstep(mnist_small, tiny_mlp):
 
 
 def test_commit_records_carry_staleness_distance_and_scale(mnist_small, tiny_mlp):
-    res = train(algorithm="adag", workers=3, window=2, seed=1, model=tiny_mlp, **FAST,
+    res = train(engine="sim", algorithm="adag", workers=3, window=2, seed=1, model=tiny_mlp, **FAST,
                 **mnist_small)
     commits = [e for e in res.events if e["type"] == "commit"]
     for c in commits:
@@ -62,7 +65,7 @@ def test_commit_records_carry_staleness_distance_and_scale(mnist_small, tiny_mlp
 
 
 def test_stragglers_commit_less_often(mnist_small, tiny_mlp):
-    res = train(algorithm="agn", workers=4, window=2, seed=1, model=tiny_mlp,
+    res = train(engine="sim", algorithm="agn", workers=4, window=2, seed=1, model=tiny_mlp,
                 timing=Timing(stragglers=1, straggler_factor=3.0), **FAST, **mnist_small)
     commits = [e for e in res.events if e["type"] == "commit"]
     # every worker does the same work; the straggler finishes about 3x later
@@ -75,7 +78,7 @@ def test_stragglers_commit_less_often(mnist_small, tiny_mlp):
 
 
 def test_crash_is_an_event_and_the_run_finishes(mnist_small, tiny_mlp):
-    res = train(algorithm="agn", workers=3, window=2, seed=1, model=tiny_mlp,
+    res = train(engine="sim", algorithm="agn", workers=3, window=2, seed=1, model=tiny_mlp,
                 timing=Timing(crashes=((1, 0.5),)), **FAST, **mnist_small)
     faults = [e for e in res.events if e["type"] == "fault"]
     assert len(faults) == 1 and faults[0]["worker"] == 1 and faults[0]["t"] == 0.5
@@ -86,32 +89,73 @@ def test_crash_is_an_event_and_the_run_finishes(mnist_small, tiny_mlp):
 
 
 def test_crash_during_a_synchronous_round_releases_the_barrier(mnist_small, tiny_mlp):
-    res = train(algorithm="averaging", workers=3, window=2, seed=1, model=tiny_mlp,
+    res = train(engine="sim", algorithm="averaging", workers=3, window=2, seed=1, model=tiny_mlp,
                 timing=Timing(crashes=((2, 0.3),)), **FAST, **mnist_small)
     rounds = [e for e in res.events if e["type"] == "round"]
     assert rounds[-1]["workers"] == [0, 1] or sorted(rounds[-1]["workers"]) == [0, 1]
     assert res.test_accuracy > 0.5
 
 
-def test_server_queue_delays_commits(mnist_small, tiny_mlp):
-    free = train(algorithm="agn", workers=4, window=1, seed=1, model=tiny_mlp, **FAST,
-                 **mnist_small)
-    queued = train(algorithm="agn", workers=4, window=1, seed=1, model=tiny_mlp,
-                   timing=Timing(server_time=0.02), **FAST, **mnist_small)
-    assert queued.virtual_seconds > free.virtual_seconds
+def test_server_queue_applies_one_commit_at_a_time():
+    """With ``server_time`` the server applies one commit per 0.5 s: four workers that all
+    commit at t = 1.0 land at 1.0, 1.5, 2.0 and 2.5 (not 1.0, then three at 1.5), and no
+    two commits of the run land less than server_time apart."""
+    x, y = point_data([[float(i), 1.0] for i in range(16)])
+    res = train(engine="sim", algorithm="downpour", workers=4, window=1, seed=1,
+                model=Point(), data=(x, y), test_data=(x, y), loss_fn=half_sq,
+                batch_size=4, epochs=2, lr=0.1, inner_optimizer="sgd", sharding="contiguous",
+                timing=Timing(model="constant", step_time=1.0, server_time=0.5))
+    landed = [e["t"] for e in res.events if e["type"] == "commit"]
+    assert landed[:4] == [1.0, 1.5, 2.0, 2.5]
+    assert len(landed) == 8
+    gaps = np.diff(sorted(landed))
+    assert gaps.min() >= 0.5 - 1e-12, gaps
 
 
-def test_replica_never_aliases_center_or_other_replicas(tiny_mlp):
-    reps = [Replica(k, tiny_mlp, torch.nn.functional.cross_entropy, "sgd", 0.1) for k in range(2)]
-    center = torch.zeros_like(reps[0].params)
-    ptrs = {t.untyped_storage().data_ptr() for r in reps for t in (r.params, r.base, r.payload)}
-    assert len(ptrs) == 6 and center.untyped_storage().data_ptr() not in ptrs
-    # the module's parameters are views of the replica's flat buffer
-    p0 = next(reps[0].module.parameters())
-    assert p0.untyped_storage().data_ptr() == reps[0].params.untyped_storage().data_ptr()
-    reps[0].params.fill_(1.0)
-    assert torch.all(next(reps[0].module.parameters()) == 1.0)
-    assert not torch.all(next(reps[1].module.parameters()) == 1.0)
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _check_no_aliasing(engine: SimEngine) -> None:
+    """The sim engine's replicas: each module trains in its own flat buffer, and no
+    replica buffer shares storage with the server's center or with another buffer."""
+    center = _storage(engine.server.center)
+    seen: dict[int, str] = {center: "center"}
+    for w in engine.workers:
+        rep = w.rep
+        for p in rep.module.parameters():
+            assert _storage(p) == _storage(rep.params), f"worker {w.id} module"
+        for name, t in (("params", rep.params), ("base", rep.base), ("payload", rep.payload)):
+            ptr = _storage(t)
+            assert ptr not in seen, f"worker {w.id} {name} aliases {seen.get(ptr)}"
+            seen[ptr] = f"worker {w.id} {name}"
+
+
+@pytest.mark.parametrize("algorithm", ["downpour", "aeasgd"])
+def test_sim_replicas_never_alias_center_or_other_replicas(algorithm, mnist_small, tiny_mlp):
+    """The thesis' simulator shared one array between the server and every worker: checked
+    on the engine's own replicas at every batch of a real run and after it."""
+    engine = SimEngine(Timing(), seed=5)
+    checks = [0]
+
+    def progress(done: int, total: int) -> None:
+        _check_no_aliasing(engine)
+        checks[0] += 1
+
+    job = Job(algorithm=algorithm, engine="sim", workers=3, window=2, seed=5, **FAST)
+    res = train(job, model=tiny_mlp, engine=engine, progress=progress, **mnist_small)
+    assert checks[0] == res.samples // FAST["batch_size"] + 3  # every batch (3 short tails)
+    _check_no_aliasing(engine)
+    # and behaviourally: writing one replica changes neither the center nor the others
+    reps = [w.rep for w in engine.workers]
+    center, others = engine.server.center.clone(), [r.params.clone() for r in reps[1:]]
+    reps[0].params.add_(1.0)
+    reps[0].base.add_(1.0)
+    reps[0].payload.add_(1.0)
+    assert torch.equal(engine.server.center, center)
+    assert all(torch.equal(r.params, o) for r, o in zip(reps[1:], others, strict=True))
+    assert torch.equal(next(reps[0].module.parameters()).reshape(-1),
+                       reps[0].params[:next(reps[0].module.parameters()).numel()])
 
 
 def test_flat_gradient_is_the_parameters_gradient(tiny_mlp):
@@ -126,7 +170,7 @@ def test_flat_gradient_is_the_parameters_gradient(tiny_mlp):
 
 
 def test_run_directory_files(mnist_small, tiny_mlp, tmp_path):
-    res = train(algorithm="dynsgd", workers=2, window=2, seed=0, model=tiny_mlp,
+    res = train(engine="sim", algorithm="dynsgd", workers=2, window=2, seed=0, model=tiny_mlp,
                 out=tmp_path / "run", **FAST, **mnist_small)
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "events.jsonl", "summary.json", "accuracy.png", "loss.png",
@@ -148,17 +192,18 @@ def test_run_directory_files(mnist_small, tiny_mlp, tmp_path):
 def test_out_directory_with_a_run_is_not_overwritten(mnist_small, tiny_mlp, tmp_path):
     from distgrad import ConfigError
 
-    train(algorithm="agn", workers=2, seed=0, model=tiny_mlp, out=tmp_path, **FAST,
+    train(engine="sim", algorithm="agn", workers=2, seed=0, model=tiny_mlp, out=tmp_path, **FAST,
           **mnist_small)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(algorithm="agn", workers=2, seed=0, model=tiny_mlp, out=tmp_path, **FAST,
-              **mnist_small)
+              engine="sim", **mnist_small)
 
 
 def test_adag_placements_server_and_worker_are_equal(mnist_small, tiny_mlp):
     kw = dict(algorithm="adag", workers=4, window=2, seed=9, model=tiny_mlp, **FAST, **mnist_small)
-    on_server = train(params={"placement": "server", "gamma": 1e-3}, **kw)
-    on_worker = train(params={"placement": "worker", "gamma": 1e-3}, track_distance=False, **kw)
+    on_server = train(engine="sim", params={"placement": "server", "gamma": 1e-3}, **kw)
+    on_worker = train(engine="sim", params={"placement": "worker", "gamma": 1e-3},
+                      track_distance=False, **kw)
     assert on_server.params_sha256 == on_worker.params_sha256
     assert on_server.scale_mean < 1.0
     ev_s = [e for e in on_server.events if e["type"] == "commit"]
@@ -180,7 +225,7 @@ def test_label_skewed_shards_give_each_worker_few_classes(mnist_small):
 def test_torch_dataset_and_exponential_timing(mnist_small, tiny_mlp):
     x, y = mnist_small["data"]
     ds = torch.utils.data.TensorDataset(x, y)
-    res = train(algorithm="agn", workers=2, window=2, model=tiny_mlp, data=ds,
+    res = train(engine="sim", algorithm="agn", workers=2, window=2, model=tiny_mlp, data=ds,
                 test_data=torch.utils.data.TensorDataset(*mnist_small["test_data"]),
                 timing=Timing(model="exponential"), **FAST)
     assert res.samples == 3000 and res.test_accuracy > 0.5
@@ -189,7 +234,7 @@ def test_torch_dataset_and_exponential_timing(mnist_small, tiny_mlp):
 
 def test_ensemble_model_averages_members(mnist_small, tiny_mlp):
     res = train(algorithm="ensemble", workers=3, window=5, seed=1, model=tiny_mlp, **FAST,
-                **mnist_small)
+                engine="sim", **mnist_small)
     members = res.model.members
     assert len(members) == 3
     x, y = mnist_small["test_data"]

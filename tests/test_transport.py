@@ -15,9 +15,9 @@ import zmq
 
 from distgrad.algorithms import RunInfo, get_algorithm
 from distgrad.metrics.events import Recorder
+from distgrad.protocol.core import ProtocolCore
 from distgrad.server import ParameterServer
 from distgrad.transport.client import NetClient, RemoteError, TransportError
-from distgrad.transport.core import ServerCore
 from distgrad.transport.frames import DType, Flag, Header, Kind, array_payload, mac
 from distgrad.transport.server import NetServer
 
@@ -37,7 +37,7 @@ class Served:
         self.server = ParameterServer(self.center, algo.server_rule(cfg, info), workers)
         self.recorder = Recorder()
         start = time.perf_counter()
-        self.core = ServerCore(self.server, self.recorder, lambda: time.perf_counter() - start,
+        self.core = ProtocolCore(self.server, self.recorder, lambda: time.perf_counter() - start,
                                totals=totals)
         self.net = NetServer(self.core, SECRET, worker_timeout=3600)
         self.thread = self.net.serve_in_thread()
@@ -224,7 +224,7 @@ def test_a_forged_mac_is_rejected(served, caplog):
 
 
 def test_a_retried_commit_is_applied_once(served, caplog):
-    caplog.set_level(logging.INFO, logger="distgrad.transport")
+    caplog.set_level(logging.INFO, logger="distgrad.protocol")
     with client(served) as c:
         c.pull(torch.empty(N))
         frames = commit_frames(c, np.ones((1, N), np.float32), seq=10)
@@ -237,7 +237,7 @@ def test_a_retried_commit_is_applied_once(served, caplog):
     assert torch.equal(served.center, after_once)
     torch.testing.assert_close(after_once, torch.arange(N, dtype=torch.float32) + 1)
     assert len(served.recorder.of_type("commit")) == 1
-    assert "received again; answered, not re-applied" in caplog.text
+    assert "received again; answered again, not re-applied" in caplog.text
 
 
 def test_a_new_attempt_fences_the_old_one_and_resumes_at_its_position(served, caplog):

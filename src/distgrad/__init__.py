@@ -9,12 +9,12 @@ ADAG) on a deterministic simulator of asynchronous workers::
 """
 
 from distgrad.algorithms import REGISTRY as ALGORITHMS
-from distgrad.algorithms import get_algorithm
+from distgrad.algorithms import Algorithm, Capabilities, get_algorithm, register_algorithm
 from distgrad.engines.timing import Timing
 from distgrad.errors import ConfigError
 from distgrad.job import Job, TrainResult, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHMS", "ConfigError", "Job", "Timing", "TrainResult", "get_algorithm",
-           "train"]
+__all__ = ["ALGORITHMS", "Algorithm", "Capabilities", "ConfigError", "Job", "Timing",
+           "TrainResult", "get_algorithm", "register_algorithm", "train"]

@@ -74,11 +74,117 @@ def _parse_crash(text: str) -> tuple[int, float]:
         raise ConfigError(f"--crash expects WORKER@TIME (e.g. 3@120), got {text!r}") from None
 
 
+# Flags of `train` are generated from the dataclasses (one source of truth for names,
+# types, defaults and help): the Job's fields (metadata "help", "flag", "metavar",
+# "choices", "group"), the Timing fields (help below until Timing carries it as field
+# metadata) and each engine's options (distgrad.engines.options).
+
+TIMING_GROUP = "simulator timing (engine sim; --crash also kills local workers)"
+TIMING_PREFIX = "timing_"  # argparse dests of the Timing fields (Timing.model vs Job.model)
+
+_TIMING_FLAGS: dict[str, dict[str, Any]] = {
+    "model": {"flag": "--timing", "metavar": "MODEL", "choices": "TIMING_MODELS",
+              "help": "step-time model: {choices} (constant serves workers in lockstep "
+                      "round-robin)"},
+    "step_time": {"metavar": "SEC", "help": "mean virtual seconds per full-batch step"},
+    "sigma": {"metavar": "S", "help": "lognormal jitter σ"},
+    "stragglers": {"metavar": "K", "help": "workers 0..K-1 are slower"},
+    "straggler_factor": {"metavar": "F", "help": "how much slower the stragglers are"},
+    "crashes": {"flag": "--crash", "metavar": "W@T",
+                "help": "worker W dies at time T (sim: virtual; local: SIGKILL after T "
+                        "seconds); repeatable"},
+    "commit_time": {"metavar": "SEC", "help": "virtual round-trip time of one commit"},
+    "server_time": {"metavar": "SEC",
+                    "help": "virtual time the server needs per commit; commits queue"},
+}
+
+# fields that take a list of values: repeated flags, parsed by _job_from_args
+_REPEATED = {"params", "crashes"}
+
+
+def _flag_meta(cls: type, f: Any) -> dict[str, Any]:
+    """The CLI metadata of dataclass field ``f`` (empty: not a flag)."""
+    from distgrad.engines.timing import TIMING_MODELS, Timing
+
+    meta = dict(f.metadata)
+    if cls is Timing:
+        meta = {**_TIMING_FLAGS.get(f.name, {}), **meta}
+        if meta.get("choices") == "TIMING_MODELS":
+            meta["choices"] = lambda: TIMING_MODELS
+    return meta if "help" in meta else {}
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *,
+                        group: str | None = None, prefix: str = "",
+                        seen: set[str] | None = None,
+                        groups: dict[str, Any] | None = None) -> list[str]:
+    """Add one flag per field of ``cls`` that has CLI metadata; return their dests.
+
+    The flag is ``--field-name`` (or ``metadata["flag"]``), the type and default the
+    field's; a boolean that defaults to True becomes a ``--no-...`` switch. ``seen``
+    skips dests already added (a field several engines share, e.g. ``threads``).
+    """
+    import typing
+    from dataclasses import fields
+
+    from distgrad.engines.options import field_default
+
+    seen = set() if seen is None else seen
+    groups = {} if groups is None else groups
+    hints = typing.get_type_hints(cls)
+    dests = []
+    for f in fields(cls):
+        meta = _flag_meta(cls, f)
+        dest = prefix + f.name
+        if not meta or dest in seen:
+            continue
+        seen.add(dest)
+        dests.append(dest)
+        name = group or meta.get("group") or "options"
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        default = field_default(f)
+        text = str(meta["help"])
+        choices = meta.get("choices")
+        if choices is not None:
+            listed = list(choices() if callable(choices) else choices)
+            sep = ", " if "one of: {choices}" in text else "|"
+            text = text.replace("{choices}", sep.join(listed))
+        kind = typing.get_args(hints[f.name]) or (hints[f.name],)
+        base = next((t for t in kind if t is not type(None)), str)
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": dest}
+        if base is bool:
+            kw["action"] = "store_false" if default else "store_true"
+        elif f.name in _REPEATED:
+            kw.update(action="append", default=None, metavar=meta.get("metavar"))
+        else:
+            if "(default" not in text and default is not None:
+                text += f" (default {_default_text(default)})"
+            kw.update(default=default, metavar=meta.get("metavar"),
+                      type=base if base in (int, float) else str)
+        groups[name].add_argument(*meta.get("short", ()), flag, help=text.replace("%", "%%"),
+                                  **kw)
+    return dests
+
+
 def _job_from_args(args: argparse.Namespace) -> Any:
+    """The Job the generated flags describe (its engine settings included)."""
+    from dataclasses import fields
+
     from distgrad.engines.timing import Timing
     from distgrad.job import Job
+    from distgrad.parts import ENGINE_FIELDS
 
-    params: dict[str, Any] = _parse_set(args.set or [])
+    params: dict[str, Any] = _parse_set(args.params or [])
     window = args.window
     if "window" in params:
         if window is not None:
@@ -87,28 +193,25 @@ def _job_from_args(args: argparse.Namespace) -> Any:
             window = int(params.pop("window"))
         except ValueError:
             raise ConfigError("window must be an integer") from None
-    timing = Timing(
-        model=args.timing, step_time=args.step_time, sigma=args.sigma,
-        stragglers=args.stragglers, straggler_factor=args.straggler_factor,
-        crashes=tuple(_parse_crash(c) for c in args.crash or []),
-        commit_time=args.commit_time, server_time=args.server_time,
-    )
-    return Job(
-        algorithm=args.algorithm, params=params, engine=args.engine, workers=args.workers,
-        window=window, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        inner_optimizer=args.inner_optimizer, dataset=args.dataset, model=args.model,
-        sharding=args.sharding, train_samples=args.train_samples, seed=args.seed,
-        eval_every=args.eval_every, timing=timing,
-        track_distance=not args.no_distance, record_batches=not args.no_batch_log,
-        threads=args.threads, device=args.device, on_failure=args.on_failure,
-        checkpoint_every=args.checkpoint_every, deferred_eval=args.deferred_eval,
-        compression=args.compress, error_feedback=not args.no_error_feedback,
-        momentum_target=args.momentum_target,
-    )
+    timing_values = {f.name: getattr(args, TIMING_PREFIX + f.name) for f in fields(Timing)
+                     if hasattr(args, TIMING_PREFIX + f.name)}
+    timing_values["crashes"] = tuple(_parse_crash(c) for c in args.timing_crashes or [])
+    values = {f.name: getattr(args, f.name) for f in fields(Job)
+              if f.name not in _REPEATED and _flag_meta(Job, f)}
+    values.update({name: getattr(args, name) for name in ENGINE_FIELDS})
+    return Job(**{**values, "params": params, "window": window,
+                  "timing": Timing(**timing_values)})
+
+
+def _engine_options_from_args(args: argparse.Namespace, engine: str) -> Any:
+    """The options dataclass of ``engine`` from the generated flags."""
+    from distgrad.engines.options import options_for
+
+    return options_for(engine, **vars(args))
 
 
 _RUN_MODE_DESTS = {"resume", "replay", "out", "overwrite", "quiet", "func", "command",
-                   "defaults"}
+                   "defaults", "flags"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -121,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         changed = [d for d, v in args.defaults.items()
                    if d not in _RUN_MODE_DESTS and getattr(args, d) != v]
         if changed:
-            flag = "--" + changed[0].replace("_", "-")
+            flag = args.flags.get(changed[0], "--" + changed[0].replace("_", "-"))
             raise ConfigError(f"{flag} cannot be combined with --resume/--replay: the job is "
                               "the one recorded in the run directory")
     if args.resume:
@@ -134,7 +237,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             label = f"replay {Path(args.replay).name}"
         else:
             call["job"] = job = _job_from_args(args)
-            call["engine"] = _engine_from_args(args, job)
+            if getattr(args, "engine_instance", None) is not None:  # serve: built there
+                call["engine"] = args.engine_instance
+            elif job.engine in ("ray", "spark"):
+                call["options"] = _engine_options_from_args(args, job.engine)
             label = f"{job.algorithm} n={job.workers}"
         out = Path(args.out) if args.out else Path("runs") / (
             f"{label.replace(' ', '-').replace('=', '')}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -241,22 +347,6 @@ def _read_secret(args: argparse.Namespace, create: bool) -> bytes:
     raise ConfigError(f"no shared secret: pass --secret-file PATH or set ${SECRET_ENV}")
 
 
-def _engine_from_args(args: argparse.Namespace, job: Any) -> Any:
-    """An engine instance configured from the engine options (None: the job's default)."""
-    if getattr(args, "engine_instance", None) is not None:
-        return args.engine_instance
-    if job.engine == "ray":
-        from distgrad.engines.ray import RayEngine
-
-        return RayEngine(address=args.ray_address, shard_threshold=args.ray_shard_threshold,
-                         shards=args.ray_shards, max_restarts=args.max_restarts)
-    if job.engine == "spark":
-        from distgrad.engines.spark import SparkEngine
-
-        return SparkEngine(master=args.spark_master, max_failures=args.max_restarts + 1)
-    return None
-
-
 def _configure_logging(level: str) -> None:
     import logging
 
@@ -281,10 +371,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tmp.write_text(address + "\n")
             tmp.replace(args.address_file)
 
+    opts = _engine_options_from_args(args, "net")
     args.engine_instance = NetEngine(
-        secret, bind=args.bind, port=args.port, advertise=args.advertise,
-        integrity=args.integrity, worker_timeout=args.worker_timeout,
-        rejoin_timeout=args.rejoin_timeout, on_listen=announce)
+        secret, bind=opts.bind, port=opts.port, advertise=opts.advertise,
+        integrity=opts.integrity, worker_timeout=opts.worker_timeout,
+        rejoin_timeout=opts.rejoin_timeout, on_listen=announce)
     return cmd_train(args)
 
 
@@ -317,51 +408,28 @@ def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> Non
                "--secret-file ~/.distgrad-secret --bind 0.0.0.0 --address-file addr\n"
                "  distgrad work --connect $(cat addr) --secret-file ~/.distgrad-secret "
                "--processes 4")
-    g = p.add_argument_group("network server")
-    g.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
-                   help="interface to listen on (default 127.0.0.1; 0.0.0.0 for other hosts)")
-    g.add_argument("--port", type=int, default=0,
-                   help="TCP port (default 0: the OS chooses a free one)")
-    g.add_argument("--advertise", default=None, metavar="HOST",
-                   help="host name printed for the workers (default: the bind address, or "
-                        "this host's name with --bind 0.0.0.0)")
+    from distgrad.engines.options import NetOptions, RayOptions, SparkOptions
+
+    groups: dict[str, Any] = {}
+    add_dataclass_flags(p, NetOptions, group="network server", groups=groups)
+    g = groups["network server"]
     g.add_argument("--secret-file", default=None, metavar="PATH",
                    help="file holding the shared secret; created (mode 600) if missing. "
                         "Default: $DISTGRAD_SECRET")
     g.add_argument("--address-file", default=None, metavar="PATH",
                    help="also write HOST:PORT to this file (for job scripts)")
-    g.add_argument("--integrity", default="full", choices=("full", "header"),
-                   help="MAC every payload (full, default) or only headers (faster; on "
-                        "trusted networks)")
-    g.add_argument("--worker-timeout", type=float, default=120.0, metavar="SEC",
-                   help="a worker silent this long is declared dead (default 120)")
-    g.add_argument("--rejoin-timeout", type=float, default=None, metavar="SEC",
-                   help="with no worker running, a dead worker not replaced within this time "
-                        "is abandoned and its samples reported lost (default: "
-                        "--worker-timeout)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning"),
                    help="server log level on stderr (default info)")
     # (not engine="net" here: parents share action objects, that would change train's default)
     p.set_defaults(func=cmd_serve)
 
-    g = train_parser.add_argument_group("ray engine (--engine ray)")
-    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="join an existing Ray cluster ('auto': the one `ray start` made on "
-                        "this host); default: start a local Ray instance")
-    g.add_argument("--ray-shard-threshold", type=int, default=50_000_000, metavar="N",
-                   help="shard the server over several actors when the model has more than N "
-                        "parameters (default 50,000,000)")
-    g.add_argument("--ray-shards", type=int, default=None, metavar="S",
-                   help="number of server shards when sharding (default: one per 25M "
-                        "parameters)")
-    g = train_parser.add_argument_group("spark engine (--engine spark)")
-    g.add_argument("--spark-master", default=None, metavar="URL",
-                   help="Spark master (default: the session spark-submit made, else "
-                        "local[WORKERS])")
-    g = train_parser.add_argument_group("fault tolerance (ray, spark)")
-    g.add_argument("--max-restarts", type=int, default=3, metavar="R",
-                   help="restarts of a failed worker (Ray actor; Spark task attempts - 1) "
-                        "before the run fails (default 3)")
+    seen: set[str] = set()
+    groups = {}
+    add_dataclass_flags(train_parser, RayOptions, group="ray engine (--engine ray)",
+                        seen=seen, groups=groups)
+    add_dataclass_flags(train_parser, SparkOptions, group="spark engine (--engine spark)",
+                        seen=seen, groups=groups)
+    _record_defaults(train_parser)
 
     p = sub.add_parser(
         "work", help="start worker process(es) that join a `distgrad serve` server",
@@ -457,14 +525,46 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """``train``'s flags: the Job's fields, the local/sim engine options, the Timing fields,
+    and the run modes (output directory, resume, replay)."""
+    from distgrad.engines.options import LocalOptions, SimOptions
+    from distgrad.engines.timing import Timing
+    from distgrad.job import Job
+
+    groups: dict[str, Any] = {}
+    for name in ("what to train", "worker processes (engine local)", "commits", TIMING_GROUP,
+                 "output"):
+        groups[name] = p.add_argument_group(name)
+    add_dataclass_flags(p, Job, groups=groups)
+    seen: set[str] = set()
+    add_dataclass_flags(p, LocalOptions, group="worker processes (engine local)", seen=seen,
+                        groups=groups)
+    add_dataclass_flags(p, SimOptions, group="worker processes (engine local)", seen=seen,
+                        groups=groups)
+    add_dataclass_flags(p, Timing, group=TIMING_GROUP, prefix=TIMING_PREFIX, groups=groups)
+    g = groups["worker processes (engine local)"]
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--replay", metavar="DIR",
+                   help="rerun the sim run recorded in DIR on local worker processes in the "
+                        "recorded commit order (ends with the same params_sha256)")
+    g = groups["output"]
+    g.add_argument("--out", metavar="DIR",
+                   help="run directory (default runs/ALGO-nN-TIMESTAMP)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _record_defaults(p: argparse.ArgumentParser) -> None:
+    """Remember each flag's default and name (--resume/--replay reject changed settings)."""
+    actions = [a for a in p._actions if a.dest != "help" and a.option_strings]
+    p.set_defaults(defaults={a.dest: a.default for a in actions},
+                   flags={a.dest: a.option_strings[-1] for a in actions})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from distgrad.algorithms import names
-    from distgrad.compression import CODECS
-    from distgrad.data import DATASETS, SHARDINGS
-    from distgrad.engines.timing import TIMING_MODELS
     from distgrad.job import ENGINES
-    from distgrad.models import MODELS
-    from distgrad.optim import INNER_OPTIMIZERS
 
     parser = _Parser(prog="distgrad", description=(
         "Data-parallel PyTorch training with a parameter server: the asynchronous "
@@ -479,111 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model and write a run directory",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("what to train")
-    g.add_argument("--algorithm", default="adag", metavar="NAME",
-                   help=f"one of: {', '.join(names())} (default adag)")
-    g.add_argument("--engine", default="local", metavar="NAME",
-                   help=f"one of: {', '.join(ENGINES)} (default local: one process per "
-                        "worker on this machine; sim: deterministic simulator)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="number of workers n (default 2; sequential: 1)")
-    g.add_argument("--window", type=int, default=None, metavar="L",
-                   help="communication window λ: local steps per commit "
-                        "(default: the algorithm's, see `distgrad algorithms -v`)")
-    g.add_argument("--epochs", type=int, default=1, metavar="E",
-                   help="passes over the training set, split over the workers (default 1)")
-    g.add_argument("--batch-size", type=int, default=128, metavar="B",
-                   help="mini-batch size per worker step (default 128)")
-    g.add_argument("--lr", type=float, default=1e-3, metavar="X",
-                   help="learning rate of the inner optimizer (default 0.001)")
-    g.add_argument("--inner-optimizer", default="adam", metavar="NAME",
-                   help=f"worker optimizer: {'|'.join(INNER_OPTIMIZERS)} (default adam)")
-    g.add_argument("--dataset", default="mnist", metavar="NAME",
-                   help=f"one of: {', '.join(DATASETS)} (default mnist)")
-    g.add_argument("--model", default="mlp", metavar="NAME",
-                   help=f"{'|'.join(MODELS)}: the thesis MLP 784-1000-2000-1000-10 or a "
-                        "small CNN (default mlp)")
-    g.add_argument("--sharding", default="shuffled", metavar="HOW",
-                   help=f"how the data is split over workers: {'|'.join(SHARDINGS)} "
-                        "(default shuffled)")
-    g.add_argument("--train-samples", type=int, default=None, metavar="N",
-                   help="use only the first N training samples (quick runs; the test set "
-                        "stays complete)")
-    g.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
-    g.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="algorithm hyperparameter, repeatable (e.g. --set gamma=1e-4, "
-                        "--set rho=5)")
-
-    g = p.add_argument_group("worker processes (engine local)")
-    g.add_argument("--device", default="cpu", metavar="DEV",
-                   help="cpu|cuda: where workers train; cuda assigns GPUs round-robin, the "
-                        "center stays in host shared memory (default cpu)")
-    g.add_argument("--on-failure", default="reassign", metavar="HOW",
-                   help="reassign|drop: what happens to the samples a dead worker had not "
-                        "committed (default reassign: a live worker takes them)")
-    g.add_argument("--checkpoint-every", type=float, default=None, metavar="SEC",
-                   help="snapshot the server (center, rule state, clock) every SEC seconds to "
-                        "DIR/checkpoint.pt")
-    g.add_argument("--deferred-eval", action="store_true",
-                   help="snapshot the center on the --eval-every schedule but evaluate the "
-                        "snapshots after training (no CPU taken from the workers)")
-    g.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--replay", metavar="DIR",
-                   help="rerun the sim run recorded in DIR on local worker processes in the "
-                        "recorded commit order (ends with the same params_sha256)")
-
-    g = p.add_argument_group("commits")
-    g.add_argument("--compress", default="none", metavar="CODEC",
-                   help=f"compress every commit: {'|'.join(CODECS)} (default none; int8 has "
-                        "one scale per parameter tensor); bytes per commit go to the events "
-                        "and summary.json")
-    g.add_argument("--no-error-feedback", action="store_true",
-                   help="do not carry what compression lost into the next commit")
-    g.add_argument("--momentum-target", type=float, default=None, metavar="MU",
-                   help="EXPERIMENTAL, asynchronous algorithms: set the inner optimizer's "
-                        "momentum (sgd momentum, adam beta1) to max(MU - (1 - 1/n), 0) so "
-                        "explicit + implicit momentum stays near MU")
-
-    g = p.add_argument_group("simulator timing (engine sim; --crash also kills local workers)")
-    g.add_argument("--timing", default="lognormal", metavar="MODEL",
-                   help=f"step-time model: {'|'.join(TIMING_MODELS)} (default lognormal; "
-                        "constant serves workers in lockstep round-robin)")
-    g.add_argument("--step-time", type=float, default=0.05, metavar="SEC",
-                   help="mean virtual seconds per full-batch step (default 0.05)")
-    g.add_argument("--sigma", type=float, default=0.25,
-                   help="lognormal jitter σ (default 0.25)")
-    g.add_argument("--stragglers", type=int, default=0, metavar="K",
-                   help="workers 0..K-1 are slower (default 0)")
-    g.add_argument("--straggler-factor", type=float, default=2.0, metavar="F",
-                   help="how much slower the stragglers are (default 2)")
-    g.add_argument("--crash", action="append", metavar="W@T",
-                   help="worker W dies at time T (sim: virtual; local: SIGKILL after T "
-                        "seconds); repeatable")
-    g.add_argument("--commit-time", type=float, default=0.0, metavar="SEC",
-                   help="virtual round-trip time of one commit (default 0)")
-    g.add_argument("--server-time", type=float, default=0.0, metavar="SEC",
-                   help="virtual time the server needs per commit; commits queue (default 0)")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR",
-                   help="run directory (default runs/ALGO-nN-TIMESTAMP)")
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--eval-every", type=float, default=0.5, metavar="EPOCHS",
-                   help="evaluate the center on the test set every this many epochs of "
-                        "committed samples (default 0.5), and at the end")
-    g.add_argument("--no-distance", action="store_true",
-                   help="do not record ‖θ̃_t − θ̃_{t−τ}‖ per commit (saves one model copy "
-                        "per worker)")
-    g.add_argument("--no-batch-log", action="store_true",
-                   help="do not log every mini-batch (smaller events.jsonl; no notebook-style "
-                        "temporal efficiency)")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads: per worker process (local, default 1) or for the "
-                        "whole simulator (sim, default: torch's choice)")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_train_flags(p)
     p.set_defaults(func=cmd_train)
-    p.set_defaults(defaults={a.dest: a.default for a in p._actions if a.dest != "help"})
+    _record_defaults(p)
 
     p = sub.add_parser("compare", help="temporal efficiency E(A,B) of two runs and their "
                                        "final accuracies")

@@ -33,8 +33,9 @@ commit's parameters; prefer fp16/bf16 there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -139,6 +140,8 @@ class Compressor:
         if self.error_feedback:
             if self.residual is None:
                 self.residual = torch.zeros_like(payload)
+            elif self.residual.device != payload.device:  # loaded from a CPU snapshot
+                self.residual = self.residual.to(payload.device)
             payload.add_(self.residual)
         enc = encode(self.codec, payload, self.sizes)
         if self.residual is not None:
@@ -148,3 +151,24 @@ class Compressor:
         else:
             decode(enc, payload)
         return enc
+
+    def state_dict(self) -> dict[str, Any]:
+        """The error-feedback residual (None before the first commit or without feedback),
+        and the codec it belongs to."""
+        return {"codec": self.codec,
+                "residual": None if self.residual is None else self.residual.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["codec"] != self.codec:
+            raise ValueError(f"the snapshot's residual is for codec {state['codec']!r}, "
+                             f"this compressor uses {self.codec!r}")
+        residual = state["residual"]
+        if residual is None:
+            self.residual = None
+        elif residual.numel() != self.numel:
+            raise ValueError(f"the snapshot's residual has {residual.numel()} elements, "
+                             f"expected {self.numel}")
+        elif self.residual is not None and self.residual.shape == residual.shape:
+            self.residual.copy_(residual)
+        else:
+            self.residual = residual.detach().clone()

@@ -9,7 +9,8 @@ flat tensor give the same arithmetic; the views are faster (cache locality).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -42,6 +43,42 @@ def make_inner_optimizer(
                           "valid: beta1, beta2, eps, weight_decay")
     betas = (options.pop("beta1", 0.9), options.pop("beta2", 0.999))
     return torch.optim.Adam(tensors, lr=lr, betas=betas, fused=True, **options)
+
+
+def clone_state(value: Any, device: str | torch.device | None = None) -> Any:
+    """A copy of a nested state (dicts, lists, tuples, tensors, plain values) sharing no tensor
+    with ``value`` (snapshots must not change when training goes on); tensors are moved
+    to ``device`` if given."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, copy=True) if device is not None else (
+            value.detach().clone())
+    if isinstance(value, Mapping):
+        return {k: clone_state(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clone_state(v, device) for v in value]
+    if isinstance(value, tuple):
+        return tuple(clone_state(v, device) for v in value)
+    return value
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer,
+                    device: str | torch.device | None = None) -> dict[str, Any]:
+    """``optimizer.state_dict()`` as an independent copy (tensors cloned, onto ``device``).
+
+    ``torch.optim`` returns its live state tensors, which the next step changes in place;
+    a checkpoint needs a copy. Loading moves the tensors back to the parameters' device.
+    """
+    return clone_state(optimizer.state_dict(), device)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a state from :func:`optimizer_state` without aliasing it.
+
+    ``Optimizer.load_state_dict`` keeps the given tensors when their dtype and device
+    already match, so later steps would write into the snapshot (and a snapshot loaded
+    twice would be shared by both optimizers); the state is cloned first.
+    """
+    optimizer.load_state_dict(clone_state(dict(state)))
 
 
 def compensated_momentum(target: float, workers: int, minimum: float = 0.0) -> float:

@@ -21,7 +21,6 @@ predictor works on streaming DataFrames too.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -103,10 +102,9 @@ class SparkTrainer:
         used, and the summary says so.
         """
         from distgrad.data import Dataset
-        from distgrad.engines.sim import EvalSchedule
-        from distgrad.job import RunParts, TrainResult, _model_with, _prepare_out, _summarize
-        from distgrad.metrics.evaluate import Evaluator
-        from distgrad.metrics.events import Recorder
+        from distgrad.parts import RunParts
+        from distgrad.run import Run
+        from distgrad.rundir import prepare_out
 
         spark = _session()
         df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col)
@@ -124,41 +122,23 @@ class SparkTrainer:
         x_val = torch.from_numpy(_features(pdf["features"]))
         y_val = torch.from_numpy(pdf["label"].to_numpy().astype(np.int64))
         dataset = Dataset("spark", x_val[:1], y_val[:1], x_val, y_val)  # (classes: labels)
-        out_dir = _prepare_out(self.out, overwrite=False)
+        out_dir = prepare_out(self.out, overwrite=False)
         parts = RunParts(job=self.job, dataset=dataset,
                          shards=[np.empty(0, np.int64)] * int(self.job.workers),  # type: ignore[arg-type]
                          template=self.model, loss_fn=self.loss_fn)
-        server = parts.make_server()
-        evaluator = Evaluator(self.model, self.loss_fn)
-        recorder = Recorder(out_dir / "events.jsonl" if out_dir else None,
-                            record_batches=self.job.record_batches)
+        # the shards are empty (the rows stay in Spark): an epoch is the DataFrame's rows
+        run = Run.prepare(parts, out=out_dir, epoch_samples=rows)
+        outcome = run.execute(self.engine, lambda: self.engine.train_frame(
+            spark, df, self.job, self.model, self.loss_fn, run.server, run.recorder, run.evals))
 
-        def evaluate(t: float, version: int) -> None:
-            m = evaluator.evaluate(server.models(), x_val, y_val)
-            recorder.evaluation(t, version, {"test_loss": m["loss"], "test_acc": m["acc"]})
+        def train_metrics(trained: nn.Module) -> dict[str, float]:
+            m = SparkEvaluator(trained, loss_fn=self.loss_fn).evaluate(df)
+            return {"acc": m["accuracy"], "loss": m["loss"]}
 
-        evals = EvalSchedule(max(1, int(self.job.eval_every * rows)), evaluate)
-        start = time.perf_counter()
-        end_t = self.engine.train_frame(spark, df, self.job, self.model, self.loss_fn, server,
-                                        recorder, evals)
-        wall = time.perf_counter() - start
-        if not recorder.of_type("eval") or recorder.of_type("eval")[-1]["version"] != \
-                server.version:
-            evaluate(end_t, server.version)
-        trained = _model_with(self.model, server.models()[0])
-        train_m = SparkEvaluator(trained, loss_fn=self.loss_fn).evaluate(df)
-        recorder.close()
-        summary = _summarize(self.job, parts.config, recorder, server,
-                             recorder.of_type("eval")[-1],
-                             {"acc": train_m["accuracy"], "loss": train_m["loss"]}, wall, end_t,
-                             dataset, "completed")
-        summary.update(model=type(self.model).__name__, rows=rows, evaluated_on=evaluated_on)
-        if out_dir is not None:
-            import json
-
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return trained, TrainResult(summary=summary, model=trained, events=recorder.events,
-                                    out=out_dir)
+        result = run.finalize(outcome, train_metrics=train_metrics,
+                              extra={"model": type(self.model).__name__, "rows": rows,
+                                     "evaluated_on": evaluated_on})
+        return result.model, result
 
 
 class SparkPredictor:

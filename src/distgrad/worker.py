@@ -1,143 +1,25 @@
-"""The worker shell: a model replica over one flat buffer, and the engine-agnostic worker loop.
+"""The worker shell: data batches and the engine-agnostic worker loop.
 
-The replica's parameters are *views* into one private flat float32 buffer
-(``Replica.params``), so a pull is one ``copy_`` and a commit is one buffer. The
-replica never aliases the center or another replica: ``params`` is allocated
-here and only ever written by copies (the thesis' own simulator shared one array
-between the server and every worker by accident, see spec/thesis.md §6).
-
-The worker loop (:meth:`Worker.run`) is a generator that yields requests
-(:class:`Pull`, :class:`Step`, :class:`Commit`) and receives the engine's replies.
-The simulator drives it on a virtual clock; the process engine drives it with
-shared memory. The loop itself never knows which.
+The replica (the model over one flat buffer) is :class:`distgrad.replica.Replica`.
+The worker loop (:meth:`Worker.run`) is a generator that yields what the algorithm
+needs (:class:`Pull`, :class:`Step`, :class:`Commit`) and receives the replies;
+:class:`distgrad.protocol.driver.WorkerDriver` turns that into protocol requests that
+every engine carries the same way. The loop itself never knows which engine runs it.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from distgrad.algorithms.base import StepStats, WorkerRule
+from distgrad.algorithms.base import WorkerRule
 from distgrad.compression import Compressor, Encoded
-from distgrad.optim import make_inner_optimizer
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def flatten_parameters(module: nn.Module) -> torch.Tensor:
-    """Move ``module``'s trainable parameters into one flat buffer and return it.
-
-    After the call every trainable parameter ``p`` has ``p.data`` a view of the
-    returned buffer, so writing the buffer (a pull) writes the model, and the
-    buffer is what a commit sends. Gradients stay ordinary per-parameter tensors
-    (autograd allocates them; accumulating into views of a flat buffer instead
-    costs two extra passes over memory per step).
-    """
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters")
-    dtypes = {p.dtype for p in trainable}
-    if dtypes != {torch.float32}:
-        raise ValueError(f"distgrad trains float32 parameters only, got {sorted(map(str, dtypes))}")
-    total = sum(p.numel() for p in trainable)
-    params = torch.empty(total, dtype=torch.float32, device=trainable[0].device)
-    offset = 0
-    for p in trainable:
-        n = p.numel()
-        params[offset : offset + n].copy_(p.data.reshape(-1))
-        p.data = params[offset : offset + n].view_as(p)
-        offset += n
-    return params
-
-
-def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
-    """Logits (N, C) against integer class labels (N,): accuracy is defined."""
-    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
-
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-class Replica:
-    """One worker's model copy, flat buffers and inner optimizer.
-
-    Buffers: ``params`` (θ^k; the module's parameters are views of it), ``grad``
-    (the last gradient, flat, assembled on access), ``base`` (the center as of the
-    last pull), ``payload`` (what is sent), and ``buffers`` for whatever the worker
-    rule keeps (velocity, ...).
-    """
-
-    def __init__(
-        self,
-        worker: int,
-        module: nn.Module,
-        loss_fn: LossFn,
-        inner_optimizer: str,
-        lr: float,
-        inner_options: dict[str, float] | None = None,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.worker = worker
-        self.seed = seed
-        self.device = torch.device(device)
-        self.module = copy.deepcopy(module).to(self.device)
-        self.module.train()
-        self.loss_fn = loss_fn
-        self.params = flatten_parameters(self.module)
-        self._views = [p for p in self.module.parameters() if p.requires_grad]
-        self._grad = torch.zeros_like(self.params)
-        self.base = torch.empty_like(self.params)
-        self.payload = torch.empty_like(self.params)
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.lr = lr
-        self.optimizer = make_inner_optimizer(
-            inner_optimizer, self._views, lr, **dict(inner_options or {})
-        )
-
-    @property
-    def sizes(self) -> list[int]:
-        """Element counts of the trainable parameter tensors, in flat-buffer order."""
-        return [p.numel() for p in self._views]
-
-    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        """Forward and backward on one batch; gradients land in the parameters' ``.grad``."""
-        for p in self._views:
-            p.grad = None
-        out = self.module(x)
-        loss = self.loss_fn(out, y)
-        loss.backward()
-        with torch.no_grad():
-            correct = int((out.argmax(dim=1) == y).sum()) if is_classification(out, y) else 0
-        return StepStats(loss=float(loss.detach()), correct=correct, samples=int(y.shape[0]))
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        """One step of the inner optimizer on one batch."""
-        stats = self.gradient(x, y)
-        self.optimizer.step()
-        return stats
-
-    @property
-    def grad(self) -> torch.Tensor:
-        """The last backward's gradient as one flat vector (assembled on access; zeros for
-        parameters that got none). Writing into it does not change the parameters' grads."""
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(),
-                                                                           device=p.device)
-                 for p in self._views]
-        return torch.cat(grads, out=self._grad)
-
-    def reinitialize(self, seed_offset: int) -> None:
-        """Re-draw the parameters from a seed of their own (ensemble members)."""
-        from distgrad.models import initialize
-
-        initialize(self.module, self.seed * 1_000_003 + seed_offset)
-
+from distgrad.replica import Replica
+from distgrad.stats import StepStats
 
 # --------------------------------------------------------------------------- data
 
@@ -195,6 +77,21 @@ class BatchSource:
 
     def remaining(self) -> np.ndarray:
         return self.order[self.position :]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The visiting order (int64 tensor, every sample assigned so far, reassigned work
+        included) and the position of the next batch in it."""
+        return {"order": torch.from_numpy(self.order.astype(np.int64, copy=True)),
+                "position": int(self.position)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        order = state["order"]
+        order = order.numpy() if isinstance(order, torch.Tensor) else np.asarray(order)
+        self.order = order.astype(np.int64, copy=True)
+        position = int(state["position"])
+        if not 0 <= position <= len(self.order):
+            raise ValueError(f"position {position} outside the order of {len(self.order)}")
+        self.position = position
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while self.position < len(self.order):
@@ -261,6 +158,18 @@ class Worker:
 
     ``compressor`` (optional) compresses every commit's payload
     (:mod:`distgrad.compression`); without it the payload travels as float32.
+
+    Counters: ``version`` (the server version the worker holds), ``steps`` (local steps
+    in all), ``window_steps`` (local steps since the last commit), ``uncommitted_samples``.
+
+    **Snapshots.** Between two local steps — while the generator is suspended at a
+    :class:`Step` request, before :meth:`run` was first called, or after it finished —
+    :meth:`state_dict` captures everything the loop carries (replica, inner optimizer,
+    rule, data position, compression residual, counters). A worker built the same way
+    (e.g. ``RunParts.make_worker(k)``) that loads it and calls :meth:`run` again gets a
+    generator that skips the initial pull and the rule's setup and yields exactly the
+    requests the original generator would have yielded after that ``Step``. A snapshot
+    in the middle of a pull or a commit is refused.
     """
 
     def __init__(self, worker: int, replica: Replica, rule: WorkerRule, batches: BatchSource,
@@ -273,27 +182,46 @@ class Worker:
         self.version = 0
         self.uncommitted_samples = 0
         self.steps = 0
+        self.window_steps = 0
+        #: the initial pull was served and the rule set up
+        self.started = False
+        #: the stats of the last step when the commit decision after it is still to be taken
+        #: (the generator is suspended at that step's ``Step`` request)
+        self.pending_stats: StepStats | None = None
+        self._in_request: str | None = None
 
     def run(self) -> Generator[Request, int | None, None]:
+        """The worker loop; after :meth:`load_state_dict` it continues where the snapshot was."""
         rep, rule = self.rep, self.rule
-        self.version = yield Pull(rep.base)
-        rep.params.copy_(rep.base)
-        rule.setup(rep)
-        steps = 0
+        if not self.started:
+            self._in_request = "the initial pull"
+            self.version = yield Pull(rep.base)
+            self._in_request = None
+            rep.params.copy_(rep.base)
+            rule.setup(rep)
+            self.started = True
+        if self.pending_stats is not None:  # resumed from a snapshot taken at a Step
+            yield from self._after_step()
         for x, y in self.batches:
             stats = rule.local_step(rep, x, y)
-            steps += 1
+            self.window_steps += 1
             self.steps += 1
             self.uncommitted_samples += stats.samples
+            self.pending_stats = stats
             yield Step(stats)
-            if rule.should_commit(rep, steps, stats):
-                yield from self._commit(steps)
-                steps = 0
-        if steps:
-            yield from self._commit(steps)
+            yield from self._after_step()
+        if self.window_steps:
+            yield from self._commit(self.window_steps)
+
+    def _after_step(self) -> Generator[Request, int | None, None]:
+        stats, self.pending_stats = self.pending_stats, None
+        assert stats is not None
+        if self.rule.should_commit(self.rep, self.window_steps, stats):
+            yield from self._commit(self.window_steps)
 
     def _commit(self, steps: int) -> Generator[Request, int | None, None]:
         rep, rule = self.rep, self.rule
+        self._in_request = "a commit"
         read_into = rule.read_buffer(rep)
         if read_into is not None:
             yield Pull(read_into, record=False)
@@ -317,8 +245,65 @@ class Worker:
             encoded=encoded,
         )
         self.uncommitted_samples = 0
+        self.window_steps = 0
         rule.after_commit(rep, payload)
         if version is not None:
             self.version = version
         if rule.pull_after_commit:
             rule.after_pull(rep)
+        self._in_request = None
+
+    # ------------------------------------------------------------------ snapshots
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot between two local steps: tensors (on the CPU) and plain data only.
+
+        Keys: ``format`` (1), ``worker`` (the id), ``started``, ``version``, ``steps``,
+        ``window_steps``, ``uncommitted_samples``, ``pending_step`` (None, or the last
+        step's ``{"loss", "correct", "samples"}`` when the commit decision after it is
+        pending), ``replica`` (:meth:`Replica.state_dict`), ``rule``
+        (:meth:`WorkerRule.state_dict`), ``batches`` (:meth:`BatchSource.state_dict`),
+        ``compressor`` (:meth:`Compressor.state_dict`, or None without compression).
+        """
+        if self._in_request is not None:
+            raise RuntimeError(f"worker {self.id} is in the middle of {self._in_request}; "
+                               "snapshot it between two local steps")
+        st = self.pending_stats
+        return {
+            "format": 1,
+            "worker": self.id,
+            "started": self.started,
+            "version": int(self.version),
+            "steps": int(self.steps),
+            "window_steps": int(self.window_steps),
+            "uncommitted_samples": int(self.uncommitted_samples),
+            "pending_step": None if st is None else {
+                "loss": float(st.loss), "correct": int(st.correct), "samples": int(st.samples)},
+            "replica": self.rep.state_dict(),
+            "rule": self.rule.state_dict(),
+            "batches": self.batches.state_dict(),
+            "compressor": None if self.compressor is None else self.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a snapshot of worker ``state["worker"]``; then call :meth:`run` for a
+        generator that continues from it (any earlier generator must be dropped)."""
+        if int(state.get("format", 1)) != 1:
+            raise ValueError(f"unknown worker snapshot format {state.get('format')!r}")
+        if int(state["worker"]) != self.id:
+            raise ValueError(f"snapshot of worker {state['worker']} loaded into worker {self.id}")
+        if (state["compressor"] is None) != (self.compressor is None):
+            raise ValueError("the snapshot and this worker disagree on compression")
+        self.rep.load_state_dict(state["replica"])
+        self.rule.load_state_dict(state["rule"])
+        self.batches.load_state_dict(state["batches"])
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state["compressor"])
+        self.started = bool(state["started"])
+        self.version = int(state["version"])
+        self.steps = int(state["steps"])
+        self.window_steps = int(state["window_steps"])
+        self.uncommitted_samples = int(state["uncommitted_samples"])
+        st = state["pending_step"]
+        self.pending_stats = None if st is None else StepStats(
+            loss=float(st["loss"]), correct=int(st["correct"]), samples=int(st["samples"]))
+        self._in_request = None

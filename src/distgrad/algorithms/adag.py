@@ -59,7 +59,12 @@ class ADAGWorker(NormalizedDeltaWorker):
 
 
 class ADAGServer(ServerRule):
-    """θ̃ ← θ̃ + Δ / (γ⁻¹ (θ̃ − θ̃_{t−τ})² + 1), element-wise."""
+    """θ̃ ← θ̃ + Δ / (γ⁻¹ (θ̃ − θ̃_{t−τ})² + 1), element-wise.
+
+    The factor is :func:`~distgrad.algorithms.transforms.adag_factor` (shared with
+    ``diloco-async``); :func:`distgrad.fast.adag_apply` computes it, scales Δ and adds
+    it in one pass, with the same bits (``tests/test_extending.py``).
+    """
 
     computes_distance = True
     needs_stale_center = True

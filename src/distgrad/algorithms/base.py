@@ -23,6 +23,12 @@ declared by the server rule and documented in :mod:`distgrad.server`:
   ahead of the slowest live worker waits after its commit until released;
 * ``lock_free`` (Hogwild): commits and pulls need not be serialized; the
   simulator models the torn reads this causes over ``read_fraction`` of a step.
+
+Every capability an engine acts on is *declared* on a rule (class attribute, or an
+instance attribute set in ``__init__`` when it depends on the config) and collected
+once per run into :class:`Capabilities` by :meth:`Algorithm.capabilities`; engines
+never infer one from which methods a rule overrides. ``docs/extending.md`` shows how
+to write and register a rule outside the package.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ import torch
 
 from distgrad.errors import ConfigError, choose, positive_int
 from distgrad.fast import add_scaled
+from distgrad.stats import StepStats
 
 if TYPE_CHECKING:
-    from distgrad.worker import Replica
+    from distgrad.replica import Replica
 
 
 # --------------------------------------------------------------------------- configs
@@ -128,15 +135,6 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class StepStats:
-    """What one local mini-batch step reports: mean loss, number correct, batch size."""
-
-    loss: float
-    correct: int
-    samples: int
-
-
-@dataclass(frozen=True)
 class CommitContext:
     """What the server knows about a commit when it applies it (under its lock).
 
@@ -179,6 +177,14 @@ class WorkerRule:
     pull_after_commit: ClassVar[bool] = True
     #: the worker sends θ̃_{t−τ} (its ``base``) with each commit (ADAG placement 1)
     sends_stale_center: ClassVar[bool] = False
+    #: :meth:`after_commit` reads the reply, i.e. the payload as the server rewrote it
+    #: (elastic exchange), so an engine must copy the reply back into the payload buffer.
+    #: The only source engines read: a rule that overrides :meth:`after_commit` must
+    #: declare it, True or False (checked by :func:`audit_rules` and on registration).
+    uses_reply: ClassVar[bool] = False
+    #: :meth:`read_buffer` returns a buffer: the worker reads the center before each
+    #: commit (GEM). Declared, like ``uses_reply``, by every rule overriding it.
+    reads: ClassVar[bool] = False
 
     def __init__(self, config: AlgorithmConfig, run: RunInfo) -> None:
         self.config = config
@@ -214,6 +220,18 @@ class WorkerRule:
         center moved since its previous commit.
         """
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's own state between two local steps: plain Python values and tensors
+        (counters, flags, generator states as tensors). Tensors kept in ``rep.buffers``
+        belong to the replica and are saved with it (:meth:`Replica.state_dict`), so a rule
+        whose state lives only there returns ``{}`` (the default)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the rule's :meth:`setup` is not called again."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
 
 class ServerRule:
@@ -261,6 +279,20 @@ class ServerRule:
         hold back commits (n-softsync) apply what they hold here. Returns metrics."""
         return {}
 
+    @staticmethod
+    def apply_unlocked(center: torch.Tensor, payload: torch.Tensor) -> None:
+        """``lock_free`` rules only: apply one commit with no lock and no rule state.
+
+        An engine whose workers share the center's memory (``local``) calls this in the
+        worker process, concurrently with other workers' calls and pulls (torn reads,
+        racing element-wise adds: Hogwild), then tells the server, which only counts the
+        commit (:meth:`distgrad.server.ParameterServer.record_unlocked_commit`). It must
+        be a static method so that the worker can call it without building the rule:
+        ``algorithm.server_rule.apply_unlocked`` (see :meth:`Algorithm.apply_unlocked`).
+        ``payload`` is on the center's device.
+        """
+        raise NotImplementedError("only lock_free rules apply commits without the server")
+
     # synchronous protocol
     def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:
         raise NotImplementedError
@@ -295,6 +327,160 @@ class AddServer(ServerRule):
         return {} if distance is None else {"distance": distance}
 
 
+class RoundSumServer(ServerRule):
+    """Synchronous rules over the *sum* of a round's payloads (averaging, DiLoCo, SlowMo...).
+
+    :meth:`accumulate` adds each payload into one buffer; once the round is complete
+    :meth:`apply_round` hands the sum to :meth:`apply_sum`, which may use it as scratch
+    space, and zeroes it for the next round. Subclasses write only :meth:`apply_sum`
+    (and call ``super().setup`` if they override :meth:`setup`).
+    """
+
+    synchronous = True
+
+    def setup(self, center: torch.Tensor, workers: int) -> None:
+        self._sum = torch.zeros_like(center)
+
+    def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:
+        self._sum.add_(payload)
+
+    def apply_round(self, center: torch.Tensor, participants: int) -> dict[str, float]:
+        metrics = self.apply_sum(center, self._sum, participants)
+        self._sum.zero_()
+        return metrics
+
+    def apply_sum(self, center: torch.Tensor, total: torch.Tensor,
+                  participants: int) -> dict[str, float]:
+        """Update ``center`` from ``total`` = Σ payloads of the round's ``participants``."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine must provide to run an algorithm, read once from its rules.
+
+    Engines ask :meth:`Algorithm.capabilities` (once per run) instead of building
+    rules or inspecting their methods. Plain data: ``asdict`` gives JSON for a wire
+    handshake.
+    """
+
+    #: barrier rounds (``accumulate`` / ``apply_round``) instead of ``apply`` on arrival
+    synchronous: bool = False
+    #: a commit reads the current center atomically (elastic exchange): τ = 0, and it
+    #: counts as a pull
+    exchange: bool = False
+    #: the worker reads the reply (the payload as the server rewrote it) in
+    #: ``after_commit``: the engine must send it back
+    uses_reply: bool = False
+    #: after a commit the worker pulls the center (into ``base``)
+    pull_after_commit: bool = True
+    #: stale-synchronous gate: a worker more than this many commits ahead of the
+    #: slowest live one waits after its commit (None: no gate)
+    clock_bound: int | None = None
+    #: commits and pulls need no lock; workers sharing the center's memory apply their
+    #: commits with :meth:`Algorithm.apply_unlocked`
+    lock_free: bool = False
+    #: with ``lock_free``: the simulator's torn-read sweep, as a fraction of a step
+    read_fraction: float = 0.0
+    #: the worker reads the center (a pull that does not reset its staleness) right
+    #: before each commit
+    reads: bool = False
+    #: the worker sends θ̃_{t−τ} (the center it pulled) with each commit
+    sends_stale_center: bool = False
+    #: the server rule's arithmetic uses θ̃_{t−τ}
+    needs_stale_center: bool = False
+    #: ...which comes from the worker (``sends_stale_center``), not from a server copy
+    stale_from_worker: bool = False
+    #: the server rule reports the ``distance`` metric itself
+    computes_distance: bool = False
+
+    @property
+    def gated(self) -> bool:
+        """Is there a stale-synchronous gate (``clock_bound`` set)?"""
+        return self.clock_bound is not None
+
+    @classmethod
+    def of(cls, worker: WorkerRule, server: ServerRule) -> Capabilities:
+        """Read the declarations of two built rules (instance values override class ones,
+        as rules whose capabilities depend on their config set them in ``__init__``)."""
+        caps = cls(
+            synchronous=bool(server.synchronous),
+            exchange=bool(server.exchange),
+            uses_reply=bool(worker.uses_reply),
+            pull_after_commit=bool(worker.pull_after_commit),
+            clock_bound=server.clock_bound,
+            lock_free=bool(server.lock_free),
+            read_fraction=float(server.read_fraction),
+            reads=bool(worker.reads),
+            sends_stale_center=bool(worker.sends_stale_center),
+            needs_stale_center=bool(server.needs_stale_center),
+            stale_from_worker=bool(server.stale_from_worker),
+            computes_distance=bool(server.computes_distance),
+        )
+        problems = []
+        if caps.synchronous and (caps.exchange or caps.lock_free or caps.gated):
+            problems.append("a synchronous server rule cannot also declare exchange, "
+                            "lock_free or clock_bound")
+        if caps.stale_from_worker and not caps.sends_stale_center:
+            problems.append("the server rule takes the stale center from the worker "
+                            "(stale_from_worker) but the worker rule does not send it "
+                            "(sends_stale_center)")
+        if caps.lock_free and type(server).apply_unlocked is ServerRule.apply_unlocked:
+            problems.append("a lock_free server rule must define the static method "
+                            "apply_unlocked(center, payload)")
+        if problems:
+            raise TypeError(f"{type(worker).__name__} / {type(server).__name__}: "
+                            + "; ".join(problems))
+        return caps
+
+
+def _undeclared(cls: type, method: str, flag: str, base: type) -> bool:
+    """Does ``cls`` override ``base.method`` without declaring ``flag`` at or below the
+    class that overrides it?"""
+    mro = cls.__mro__
+    where = next(i for i, c in enumerate(mro) if method in vars(c))
+    if mro[where] is base:
+        return False
+    return not any(flag in vars(c) for c in mro[: where + 1])
+
+
+def audit_rules(algorithm: Algorithm) -> list[str]:
+    """Declarations an algorithm's rule *classes* are missing (empty: none).
+
+    Engines read capabilities only from declarations, never from which methods a rule
+    overrides; this check makes sure the two agree: a worker rule overriding
+    ``after_commit`` declares ``uses_reply``, one overriding ``read_buffer`` declares
+    ``reads``, and ``Algorithm.synchronous`` matches the server rule. Rule builders that
+    are plain functions rather than classes are checked when built
+    (:meth:`Algorithm.capabilities`).
+    """
+    problems: list[str] = []
+    w, s = algorithm.worker_rule, algorithm.server_rule
+    if not (isinstance(algorithm.config, type) and issubclass(algorithm.config, AlgorithmConfig)):
+        problems.append(f"config must be an AlgorithmConfig subclass, got {algorithm.config!r}")
+    if isinstance(w, type):
+        if not issubclass(w, WorkerRule):
+            problems.append(f"worker_rule {w.__name__} is not a WorkerRule")
+        else:
+            if _undeclared(w, "after_commit", "uses_reply", WorkerRule):
+                problems.append(f"{w.__name__} overrides after_commit: declare uses_reply = "
+                                "True if it reads the reply (the payload as the server "
+                                "rewrote it), else False")
+            if _undeclared(w, "read_buffer", "reads", WorkerRule):
+                problems.append(f"{w.__name__} overrides read_buffer: declare reads = True "
+                                "(or set it per instance in __init__)")
+    if isinstance(s, type):
+        if not issubclass(s, ServerRule):
+            problems.append(f"server_rule {s.__name__} is not a ServerRule")
+        elif bool(s.synchronous) != bool(algorithm.synchronous):
+            problems.append(f"Algorithm(synchronous={algorithm.synchronous}) disagrees with "
+                            f"{s.__name__}.synchronous = {s.synchronous}")
+    return problems
+
+
 # --------------------------------------------------------------------------- registry entry
 
 
@@ -314,6 +500,32 @@ class Algorithm:
 
     def make_config(self, params: Mapping[str, Any] | None = None) -> AlgorithmConfig:
         return self.config.from_params(dict(params or {}))
+
+    def capabilities(self, config: AlgorithmConfig | None = None,
+                     run: RunInfo | None = None) -> Capabilities:
+        """What an engine must provide for this algorithm with ``config`` (default: the
+        config's defaults). Builds both rules once (no ``setup``: nothing is allocated)
+        and reads their declarations; call it once per run, not per message."""
+        config = self.make_config() if config is None else config
+        if run is None:
+            run = RunInfo(workers=self.exact_workers or 2, lr=1e-3, inner_optimizer="sgd")
+        problems = audit_rules(self)
+        if problems:
+            raise TypeError(f"algorithm {self.name!r}: " + "; ".join(problems))
+        caps = Capabilities.of(self.worker_rule(config, run), self.server_rule(config, run))
+        if caps.synchronous != bool(self.synchronous):
+            raise TypeError(f"algorithm {self.name!r}: Algorithm(synchronous="
+                            f"{self.synchronous}) disagrees with its server rule")
+        return caps
+
+    def apply_unlocked(self, center: torch.Tensor, payload: torch.Tensor) -> None:
+        """Apply a commit of this ``lock_free`` algorithm straight into the shared center,
+        without the server or its lock (the server rule's static ``apply_unlocked``)."""
+        fn = getattr(self.server_rule, "apply_unlocked", None)
+        if fn is None or fn is ServerRule.apply_unlocked:
+            raise TypeError(f"algorithm {self.name!r} is not lock-free: its server rule "
+                            "defines no static apply_unlocked")
+        fn(center, payload)
 
     def check(self, run: RunInfo) -> None:
         """Reject a worker count the algorithm cannot run with."""

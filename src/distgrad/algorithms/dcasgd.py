@@ -27,7 +27,6 @@ per-worker backups of the paper.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,7 +40,7 @@ from distgrad.algorithms.base import (
 )
 from distgrad.algorithms.sync import GradientWorker
 from distgrad.errors import ConfigError, choose, float_in, positive_float
-from distgrad.optim import make_inner_optimizer
+from distgrad.optim import load_optimizer_state, make_inner_optimizer, optimizer_state
 
 MS_EPSILON = 1e-7
 
@@ -107,11 +106,11 @@ class DCASGDServer(ServerRule):
         return {}
 
     def state_dict(self) -> dict:
-        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        return {"optimizer": optimizer_state(self.optimizer),
                 "mean_square": None if self.mean_square is None else self.mean_square.clone()}
 
     def load_state_dict(self, state) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if state["mean_square"] is not None:
             assert self.mean_square is not None
             self.mean_square.copy_(state["mean_square"])

@@ -45,9 +45,11 @@ from distgrad.algorithms.base import (
     Algorithm,
     AlgorithmConfig,
     CommitContext,
+    RoundSumServer,
     ServerRule,
     WorkerRule,
 )
+from distgrad.algorithms.transforms import OuterSGD, adag_factor
 from distgrad.errors import float_in, positive_float
 
 
@@ -87,55 +89,19 @@ class PseudoGradientWorker(WorkerRule):
         return torch.sub(rep.base, rep.params, out=rep.payload)
 
 
-class OuterNesterov:
-    """The outer optimizer: b ← μb + g; θ ← θ − η(g + μb) (or θ − ηb without Nesterov)."""
-
-    def __init__(self, lr: float, momentum: float, nesterov: bool) -> None:
-        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
-        self.buf: torch.Tensor | None = None
-
-    def step(self, center: torch.Tensor, g: torch.Tensor) -> None:
-        if self.momentum == 0.0:
-            center.sub_(g, alpha=self.lr)
-            return
-        if self.buf is None:
-            self.buf = torch.zeros_like(center)
-        self.buf.mul_(self.momentum).add_(g)
-        if self.nesterov:
-            g.add_(self.buf, alpha=self.momentum)
-            center.sub_(g, alpha=self.lr)
-        else:
-            center.sub_(self.buf, alpha=self.lr)
-
-    def state_dict(self) -> dict:
-        return {"buf": None if self.buf is None else self.buf.clone()}
-
-    def load_state_dict(self, state) -> None:
-        buf = state["buf"]
-        self.buf = None if buf is None else buf.clone()
+#: the outer optimizer (b ← μb + g; θ ← θ − η(g + μb), or θ − ηb without Nesterov);
+#: the name this module used before the transform was shared with SlowMo
+OuterNesterov = OuterSGD
 
 
-def _outer(config: DiLoCoConfig) -> OuterNesterov:
-    return OuterNesterov(config.outer_lr, config.outer_momentum, config.nesterov)
+def _outer(config: DiLoCoConfig) -> OuterSGD:
+    return OuterSGD(config.outer_lr, config.outer_momentum, config.nesterov)
 
 
-class DiLoCoServer(ServerRule):
-    """Synchronous: average the round's pseudo-gradients, one outer Nesterov step."""
+class _OuterState:
+    """The server's state is its outer optimizer's: ``{"buf": b or None}``."""
 
-    synchronous = True
-
-    def setup(self, center: torch.Tensor, workers: int) -> None:
-        self._sum = torch.zeros_like(center)
-        self.outer = _outer(self.config)  # type: ignore[arg-type]
-
-    def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:
-        self._sum.add_(payload)
-
-    def apply_round(self, center: torch.Tensor, participants: int) -> dict[str, float]:
-        g = self._sum.div_(participants)
-        self.outer.step(center, g)
-        self._sum.zero_()
-        return {}
+    outer: OuterSGD
 
     def state_dict(self) -> dict:
         return self.outer.state_dict()
@@ -144,7 +110,20 @@ class DiLoCoServer(ServerRule):
         self.outer.load_state_dict(state)
 
 
-class AsyncDiLoCoServer(ServerRule):
+class DiLoCoServer(_OuterState, RoundSumServer):
+    """Synchronous: average the round's pseudo-gradients, one outer Nesterov step."""
+
+    def setup(self, center: torch.Tensor, workers: int) -> None:
+        super().setup(center, workers)
+        self.outer = _outer(self.config)  # type: ignore[arg-type]
+
+    def apply_sum(self, center: torch.Tensor, total: torch.Tensor,
+                  participants: int) -> dict[str, float]:
+        self.outer.step(center, total.div_(participants))
+        return {}
+
+
+class AsyncDiLoCoServer(_OuterState, ServerRule):
     """Asynchronous: one outer step per arriving pseudo-gradient, optionally ADAG-scaled."""
 
     def __init__(self, config: AsyncDiLoCoConfig, run) -> None:
@@ -164,21 +143,14 @@ class AsyncDiLoCoServer(ServerRule):
         if self.gamma is not None:
             if ctx.stale_center is None:
                 raise RuntimeError("diloco-async with adag_gamma needs the pulled center")
-            f = torch.sub(center, ctx.stale_center, out=self._work).square_()
-            metrics["distance"] = float(f.sum().sqrt())
-            f.mul_(1.0 / self.gamma).add_(1.0).reciprocal_()
-            metrics["scale"] = float(f.mean())
-            payload.mul_(f)
+            assert self._work is not None
+            distance, scale = adag_factor(center, ctx.stale_center, self.gamma, out=self._work)
+            metrics = {"distance": distance, "scale": scale}
+            payload.mul_(self._work)
         if cfg.average:
             payload.div_(self.workers)
         self.outer.step(center, payload)
         return metrics
-
-    def state_dict(self) -> dict:
-        return self.outer.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.outer.load_state_dict(state)
 
 
 ALGORITHM = Algorithm(

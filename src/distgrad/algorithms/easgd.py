@@ -127,6 +127,12 @@ class EASGDWorker(WorkerRule):
         rep.params.sub_(e)
         return e
 
+    def state_dict(self) -> dict:
+        return {"equilibrium": bool(self.equilibrium)}
+
+    def load_state_dict(self, state) -> None:
+        self.equilibrium = bool(state["equilibrium"])
+
 
 class SumServer(ServerRule):
     """Synchronous: θ̃ ← θ̃ + Σ_k payload_k once every live worker has committed."""
@@ -152,6 +158,7 @@ class ElasticExchangeWorker(WorkerRule):
     """Sends θ^k; the reply is the elastic difference E, and θ^k ← θ^k − E."""
 
     pull_after_commit = False
+    uses_reply = True
 
     def make_payload(self, rep, steps: int) -> torch.Tensor:
         return rep.payload.copy_(rep.params)

@@ -88,6 +88,12 @@ def energy_factor(m: torch.Tensor, moved: torch.Tensor, delta: torch.Tensor, kap
 class GEMWorker(WorkerRule):
     """Placement 'worker': proxy momentum and π on the worker; sends π ⊙ Δ."""
 
+    reads = True  # placement 'worker' only; __init__ sets it per config
+
+    def __init__(self, config: GEMConfig, run) -> None:
+        super().__init__(config, run)
+        self.reads = config.placement == "worker"  # type: ignore[misc]
+
     def setup(self, rep) -> None:
         cfg: GEMConfig = self.config  # type: ignore[assignment]
         if cfg.placement == "server":

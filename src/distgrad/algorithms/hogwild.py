@@ -9,10 +9,10 @@ never serializes anything (elephas ``mode='hogwild'``; PyTorch's
 The rule declares ``lock_free``. What that means per engine (protocol in
 :mod:`distgrad.server`):
 
-* ``local``: workers add their steps into the shared-memory center and copy from
-  it with no lock at all (real torn reads and racing adds); they tell the server
-  afterwards, which only counts the commit (clock, τ) — see
-  :mod:`distgrad.engines.local`;
+* ``local``: workers add their steps into the shared-memory center with
+  :meth:`LockFreeAddServer.apply_unlocked` and copy from it with no lock at all
+  (real torn reads and racing adds); they tell the server afterwards, which only
+  counts the commit (clock, τ) — see :mod:`distgrad.engines.local`;
 * ``net``, ``ray``, ``spark``: there is no shared memory, so commits pass through
   the server one at a time (this is DOWNPOUR with λ = 1 there);
 * the simulator models the torn reads instead: a pull sweeps the vector over
@@ -30,6 +30,8 @@ lost updates from racing read-modify-writes are not modelled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from distgrad.algorithms.base import AddServer, Algorithm, AlgorithmConfig, WorkerRule
 from distgrad.errors import ConfigError, float_in
@@ -56,6 +58,12 @@ class LockFreeAddServer(AddServer):
     def __init__(self, config: HogwildConfig, run) -> None:
         super().__init__(config, run)
         self.read_fraction = config.read_fraction
+
+    @staticmethod
+    def apply_unlocked(center: torch.Tensor, payload: torch.Tensor) -> None:
+        """x ← x + s straight into the shared center, by a worker, with no lock: the
+        element-wise add of :meth:`apply` (same bits), without the distance."""
+        center.add_(payload)
 
 
 ALGORITHM = Algorithm(

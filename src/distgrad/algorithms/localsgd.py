@@ -53,6 +53,12 @@ class LocalSGDWorker(ParamsWorker):
             return True
         return steps >= self.config.window
 
+    def state_dict(self) -> dict:
+        return {"total_steps": int(self.total_steps)}
+
+    def load_state_dict(self, state) -> None:
+        self.total_steps = int(state["total_steps"])
+
 
 ALGORITHM = Algorithm(
     name="localsgd",

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from distgrad.algorithms.averaging import ParamsWorker
-from distgrad.algorithms.base import Algorithm, AlgorithmConfig, CommitContext, ServerRule
+from distgrad.algorithms.base import Algorithm, AlgorithmConfig, RoundSumServer
+from distgrad.algorithms.transforms import OuterSGD
 from distgrad.errors import float_in, positive_float
 
 
@@ -41,25 +42,29 @@ class SlowMoConfig(AlgorithmConfig):
         positive_float("slow_lr", self.slow_lr)
 
 
-class SlowMoServer(ServerRule):
-    """Averages the round's parameters, then one slow-momentum step from x_0."""
-
-    synchronous = True
+class SlowMoServer(RoundSumServer):
+    """Averages the round's parameters, then one slow-momentum step from x_0: heavy-ball
+    :class:`~distgrad.algorithms.transforms.OuterSGD` on d = x_0 − x̄ with gradient scale
+    1/γ and learning rate α·γ, whose momentum buffer is u."""
 
     def setup(self, center: torch.Tensor, workers: int) -> None:
-        self._sum = torch.zeros_like(center)
-        self.u = torch.zeros_like(center)
-
-    def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:
-        self._sum.add_(payload)
-
-    def apply_round(self, center: torch.Tensor, participants: int) -> dict[str, float]:
+        super().setup(center, workers)
         cfg: SlowMoConfig = self.config  # type: ignore[assignment]
         gamma = self.run.lr
-        d = self._sum.div_(participants).neg_().add_(center)  # x_0 − x̄
-        self.u.mul_(cfg.slow_momentum).add_(d, alpha=1.0 / gamma)
-        center.sub_(self.u, alpha=cfg.slow_lr * gamma)
-        self._sum.zero_()
+        self.outer = OuterSGD(cfg.slow_lr * gamma, cfg.slow_momentum, nesterov=False,
+                              grad_scale=1.0 / gamma, buffer=True)
+        self.outer.init(center)
+
+    @property
+    def u(self) -> torch.Tensor:
+        """The slow momentum buffer."""
+        assert self.outer.buf is not None
+        return self.outer.buf
+
+    def apply_sum(self, center: torch.Tensor, total: torch.Tensor,
+                  participants: int) -> dict[str, float]:
+        d = total.div_(participants).neg_().add_(center)  # x_0 − x̄
+        self.outer.step(center, d)
         return {}
 
     def state_dict(self) -> dict:

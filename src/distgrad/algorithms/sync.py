@@ -12,7 +12,6 @@ mean a bigger effective batch, not more steps.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ from distgrad.algorithms.base import (
     WorkerRule,
 )
 from distgrad.errors import ConfigError
-from distgrad.optim import make_inner_optimizer
+from distgrad.optim import load_optimizer_state, make_inner_optimizer, optimizer_state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +54,12 @@ class GradientWorker(WorkerRule):
     def make_payload(self, rep, steps: int) -> torch.Tensor:
         return torch.mul(rep.grad, float(self._samples), out=rep.payload)
 
+    def state_dict(self) -> dict:
+        return {"samples": int(self._samples)}
+
+    def load_state_dict(self, state) -> None:
+        self._samples = int(state["samples"])
+
 
 class ServerOptimizerRule(ServerRule):
     """Sums the weighted gradients of a round and steps a server-side optimizer on θ̃."""
@@ -81,10 +86,10 @@ class ServerOptimizerRule(ServerRule):
         return {}
 
     def state_dict(self) -> dict:
-        return {"optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        return {"optimizer": optimizer_state(self.optimizer)}
 
     def load_state_dict(self, state) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
 
 
 ALGORITHM = Algorithm(

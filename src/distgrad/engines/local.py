@@ -41,9 +41,8 @@ import signal
 import struct
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,12 +63,13 @@ from distgrad.protocol.messages import (
     Reply,
     StatsRequest,
 )
+from distgrad.rundir import write_checkpoint
 from distgrad.worker import BatchSource, Worker
 
 if TYPE_CHECKING:
-    from distgrad.engines.sim import EvalSchedule
-    from distgrad.job import RunParts
     from distgrad.metrics.events import Recorder
+    from distgrad.metrics.schedule import EvalSchedule
+    from distgrad.parts import RunParts
     from distgrad.server import ParameterServer
 
 # worker -> parent: requests of the protocol (seq and counters as fixed struct records)
@@ -234,20 +234,6 @@ class _Slot:
     order: np.ndarray  # every sample assigned to this worker, in visiting order
     alive: bool = True
     done: bool = False
-    deferred: deque = field(default_factory=deque)  # replay: requests not yet due
-
-
-def replay_schedule(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """The order of server operations in a recorded run: initial pulls and commits."""
-    ops: list[tuple[str, int]] = []
-    for e in events:
-        if e["type"] == "pull":
-            ops.append(("read" if e.get("read") else "pull", e["worker"]))
-        elif e["type"] == "commit":
-            ops.append(("commit", e["worker"]))
-        elif e["type"] == "round":
-            ops.extend(("commit", w) for w in e["workers"])
-    return ops
 
 
 class LocalEngine:
@@ -259,7 +245,7 @@ class LocalEngine:
                  resume: dict[str, Any] | None = None,
                  checkpoint_path: Path | None = None) -> None:
         self.job = job
-        self.replay = deque(replay) if replay is not None else None
+        self.replay = replay
         self.resume = resume
         self.checkpoint_path = checkpoint_path
         self.now = 0.0
@@ -288,7 +274,8 @@ class LocalEngine:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distgrad-eval")
         self.slots: list[_Slot] = []
         self.core = ProtocolCore(server, recorder, self._t, totals=[len(o) for o in orders],
-                                 on_update=self._on_update, trusted=True)
+                                 on_update=self._on_update, trusted=True,
+                                 schedule=self.replay)
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:  # children inherit SIG_IGN: Ctrl-C reaches only the parent's handler
             old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -434,37 +421,9 @@ class LocalEngine:
             req = DoneRequest(k, 0, seq)
         else:
             raise RuntimeError(f"unknown message kind {kind} from worker {k}")
-        if self.replay is not None and kind in (_PULL, _READ, _COMMIT):
-            slot.deferred.append(({_PULL: "pull", _READ: "read"}.get(kind, "commit"), req))
-            self._run_replay()
-        else:
-            self._serve_request(slot, req)
-
-    def _run_replay(self) -> None:
-        """Serve deferred requests in the recorded order, as far as they have arrived."""
-        assert self.replay is not None
-        progressed = True
-        while progressed and self.replay:
-            progressed = False
-            kind, w = self.replay[0]
-            slot = self.slots[w]
-            if slot.deferred and slot.deferred[0][0] == kind:
-                self.replay.popleft()
-                self._serve_request(slot, slot.deferred.popleft()[1])
-                progressed = True
-            elif slot.deferred:
-                raise RuntimeError(
-                    f"replay diverged: worker {w} sent a {slot.deferred[0][0]} where the "
-                    f"recorded run has a {kind}")
-        if not self.replay:  # the recording is exhausted: serve what is left directly
-            for s in self.slots:
-                while s.deferred:
-                    self._serve_request(s, s.deferred.popleft()[1])
-            self.replay = None
+        self._serve_request(slot, req)
 
     def _serve_request(self, slot: _Slot, req: AnyRequest) -> None:
-        if isinstance(req, DoneRequest):
-            slot.done = True
         if isinstance(req, CommitRequest) and req.applied:
             self.core.commit(req)
             return  # the lock-free worker does not wait for an answer
@@ -473,6 +432,8 @@ class LocalEngine:
     def _send_replies(self, replies: list[Reply]) -> None:
         for r in replies:
             slot = self.slots[r.worker]
+            if r.kind == "done":
+                slot.done = True
             if not slot.alive:
                 continue
             try:
@@ -584,7 +545,7 @@ class LocalEngine:
 
 
 def _worker_seed(seed: int, k: int) -> list[int]:
-    from distgrad.job import worker_seed
+    from distgrad.parts import worker_seed
 
     return worker_seed(seed, k)
 
@@ -598,15 +559,3 @@ def _devices(device: str, n: int) -> list[str]:
 
         raise ConfigError("--device cuda: no CUDA device is visible")
     return [f"cuda:{k % count}" for k in range(n)]
-
-
-def write_checkpoint(path: Path, snapshot: dict[str, Any]) -> None:
-    """Atomically write a snapshot: a temporary file, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(snapshot, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a snapshot written by :func:`write_checkpoint` (tensors and plain data only)."""
-    return torch.load(path, weights_only=True)

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from distgrad.engines.sim import EvalSchedule
-    from distgrad.job import RunParts
     from distgrad.metrics.events import Recorder
+    from distgrad.metrics.schedule import EvalSchedule
+    from distgrad.parts import RunParts
     from distgrad.server import ParameterServer
 
 log = logging.getLogger("distgrad.transport")
@@ -38,7 +38,9 @@ class NetEngine:
     def __init__(self, secret: bytes, *, bind: str = "127.0.0.1", port: int = 0,
                  advertise: str | None = None, integrity: str = "full",
                  worker_timeout: float = 120.0, rejoin_timeout: float | None = None,
-                 on_listen: Callable[[str], None] | None = None) -> None:
+                 on_listen: Callable[[str], None] | None = None,
+                 replay: list[tuple[str, int]] | None = None, linger: float = 3.0
+                 ) -> None:
         from distgrad.errors import positive_float
         from distgrad.transport.auth import check_secret
 
@@ -49,12 +51,14 @@ class NetEngine:
         self.rejoin_timeout = positive_float(
             "rejoin_timeout", worker_timeout if rejoin_timeout is None else rejoin_timeout)
         self.on_listen = on_listen
+        self.replay = replay
+        self.linger = linger
         self.now = 0.0
         self.address: str | None = None
 
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
-        from distgrad.transport.core import ServerCore
+        from distgrad.protocol.core import ProtocolCore
         from distgrad.transport.jobspec import check_portable
         from distgrad.transport.server import NetServer
 
@@ -65,7 +69,8 @@ class NetEngine:
             return time.perf_counter() - start
 
         totals = [parts.job.epochs * len(s) for s in parts.shards]
-        core = ServerCore(server, recorder, clock, totals=totals, on_update=evals.maybe)
+        core = ProtocolCore(server, recorder, clock, totals=totals, on_update=evals.maybe,
+                            schedule=self.replay)
         net = NetServer(core, self.secret, bind=self.bind, port=self.port,
                         advertise=self.advertise, integrity=self.integrity,
                         welcome={"job": parts.job.to_dict()},
@@ -88,6 +93,11 @@ class NetEngine:
                 return core.finished()
 
             net.serve(until=finished)
+            # The run is complete; stay a moment to answer resends whose first answer was
+            # lost (a worker's last DONE), so no worker of a finished run fails for it.
+            stop = time.monotonic() + 30.0
+            net.serve(until=lambda: time.monotonic() - net.last_message > self.linger
+                      or time.monotonic() > stop)
         finally:
             net.close()
         self.now = clock()

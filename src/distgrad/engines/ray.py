@@ -46,9 +46,9 @@ from distgrad.algorithms.base import StepStats
 from distgrad.errors import ConfigError, nonnegative_int, positive_int
 
 if TYPE_CHECKING:
-    from distgrad.engines.sim import EvalSchedule
-    from distgrad.job import RunParts
     from distgrad.metrics.events import Recorder
+    from distgrad.metrics.schedule import EvalSchedule
+    from distgrad.parts import RunParts
     from distgrad.server import ParameterServer
 
 log = logging.getLogger("distgrad.ray")
@@ -81,13 +81,16 @@ class EventBuffer:
     def batch(self, t: float, worker: int, stats: StepStats) -> None:
         self.events.append(("batch", t, worker, stats))
 
-    def commit(self, t: float, rec: Any) -> None:
-        self.samples_committed += rec.samples
-        self.events.append(("commit", t, rec))
+    def pull(self, t: float, worker: int, version: int, read: bool = False) -> None:
+        self.events.append(("pull", t, worker, version, read))
 
-    def round(self, t: float, rec: Any) -> None:
+    def commit(self, t: float, rec: Any, nbytes: int | None = None) -> None:
         self.samples_committed += rec.samples
-        self.events.append(("round", t, rec))
+        self.events.append(("commit", t, rec, nbytes))
+
+    def round(self, t: float, rec: Any, nbytes: int | None = None) -> None:
+        self.samples_committed += rec.samples
+        self.events.append(("round", t, rec, nbytes))
 
     def fault(self, t: float, worker: int, kind: str, samples_lost: int, **extra: Any) -> None:
         self.events.append(("fault", t, worker, kind, samples_lost, extra))
@@ -105,10 +108,12 @@ def replay(events: list[tuple[Any, ...]], recorder: Recorder) -> None:
         kind = e[0]
         if kind == "batch":
             recorder.batch(e[1], e[2], e[3])
+        elif kind == "pull":
+            recorder.pull(e[1], e[2], e[3], read=e[4])
         elif kind == "commit":
-            recorder.commit(e[1], e[2])
+            recorder.commit(e[1], e[2], nbytes=e[3])
         elif kind == "round":
-            recorder.round(e[1], e[2])
+            recorder.round(e[1], e[2], nbytes=e[3])
         elif kind == "fault":
             recorder.fault(e[1], e[2], e[3], samples_lost=e[4], **e[5])
         elif kind == "done":
@@ -121,28 +126,30 @@ def replay(events: list[tuple[Any, ...]], recorder: Recorder) -> None:
 
 
 class ServerShard:
-    """One slice [lo, hi) of the center with its own rule state, behind a ServerCore."""
+    """One slice [lo, hi) of the center with its own rule state, behind a ProtocolCore."""
 
     def __init__(self, job: Any, center: np.ndarray, workers: int, totals: list[int],
-                 t0: float, record: bool) -> None:
+                 t0: float, record: bool, schedule: list[tuple[str, int]] | None = None
+                 ) -> None:
         torch.set_num_threads(1)
         from distgrad.algorithms import get_algorithm
+        from distgrad.protocol.core import ProtocolCore
         from distgrad.server import ParameterServer
-        from distgrad.transport.core import ServerCore
 
         rule = get_algorithm(job.algorithm).server_rule(job.algorithm_config(), job.run_info())
         self.server = ParameterServer(torch.from_numpy(center.copy()), rule, workers,
                                       track_distance=job.track_distance)
         self.buffer = EventBuffer() if record else None
         self.t0 = t0
-        self.core = ServerCore(self.server, self.buffer, self.clock, totals=totals)
+        self.core = ProtocolCore(self.server, self.buffer, self.clock, totals=totals,
+                                 schedule=schedule)
         self.waiting: dict[tuple[int, int, int], asyncio.Future] = {}
 
     def clock(self) -> float:
         return time.time() - self.t0
 
-    def _release(self, replies: list[Any]) -> Any:
-        """Resolve the parked commits among ``replies``; return them keyed."""
+    def _release(self, replies: list[Any]) -> list[Any]:
+        """Resolve the waiting commits among ``replies`` (a round or the gate let them go)."""
         for r in replies:
             fut = self.waiting.pop((r.worker, r.attempt, r.seq), None)
             if fut is not None and not fut.done():
@@ -150,59 +157,41 @@ class ServerShard:
         return replies
 
     @staticmethod
-    def _out(r: Any) -> tuple[int, np.ndarray | None, np.ndarray | None]:
-        return (r.version, None if r.reply is None else r.reply.numpy(),
+    def _out(r: Any) -> tuple[int, int, np.ndarray | None, np.ndarray | None]:
+        return (r.version, r.base_version, None if r.reply is None else r.reply.numpy(),
                 None if r.pulled is None else r.pulled.numpy())
-
-    def _stats(self, worker: int, attempt: int,
-               stats: list[tuple[int, float, float, int, int]]) -> None:
-        """The steps a worker took since its last message (sent with its next one)."""
-        for s_seq, t, loss, correct, n in stats:
-            self.core.stats(worker, attempt, s_seq,
-                            StepStats(loss=loss, correct=correct, samples=n), t=t)
 
     async def admit(self, worker: int, attempt: int) -> int:
         adm = self.core.admit(worker, attempt)
         self._release(adm.releases)
         return adm.position
 
-    async def pull(self, worker: int, attempt: int, seq: int, record: bool = True,
-                   stats: list[tuple[int, float, float, int, int]] = ()
-                   ) -> tuple[int, np.ndarray]:
-        self._stats(worker, attempt, stats)
-        version, center = self.core.pull(worker, attempt, seq, record=record)
-        return version, center.numpy()
+    async def call(self, req: Any, stats: list[Any] = (), payload: np.ndarray | None = None,
+                   stale: np.ndarray | None = None) -> Any:
+        """Serve one protocol request (with the step reports sent since the last one);
+        a commit's tensors come as this shard's slices."""
+        from distgrad.protocol.messages import CommitRequest
 
-    async def commit(self, worker: int, attempt: int, seq: int, base_version: int, steps: int,
-                     samples: int, position: int, payload: np.ndarray,
-                     stale: np.ndarray | None, want_reply: bool, want_pull: bool,
-                     stats: list[tuple[int, float, float, int, int]]) -> Any:
-        from distgrad.transport.core import CommitRequest
-
-        self._stats(worker, attempt, stats)
-        req = CommitRequest(worker=worker, attempt=attempt, seq=seq, base_version=base_version,
-                            steps=steps, samples=samples, position=position,
-                            payload=torch.from_numpy(np.array(payload, dtype=np.float32)),
-                            stale=None if stale is None else torch.from_numpy(
-                                np.array(stale, dtype=np.float32)),
-                            want_reply=want_reply, want_pull=want_pull)
-        replies = self._release(self.core.commit(req))
-        for r in replies:
-            if r.worker == worker and r.seq == seq:
+        for s in stats:
+            self.core.stats(s)
+        if isinstance(req, CommitRequest):
+            req.payload = torch.from_numpy(np.array(payload, dtype=np.float32))
+            req.stale = None if stale is None else torch.from_numpy(
+                np.array(stale, dtype=np.float32))
+        key = (req.worker, req.attempt, req.seq)
+        for r in self._release(self.core.handle(req)):
+            if (r.worker, r.attempt, r.seq) == key:
                 return self._out(r)
         fut = asyncio.get_running_loop().create_future()
-        self.waiting[(worker, attempt, seq)] = fut
+        self.waiting[key] = fut
         return self._out(await fut)
-
-    async def done(self, worker: int, attempt: int, seq: int) -> None:
-        self._release(self.core.done(worker, attempt, seq))
 
     async def fail(self, worker: int, attempt: int, reason: str, kind: str) -> bool:
         """The driver reports a dead attempt; False if it was not live any more."""
         slot = self.core.slots[worker]
         if slot.state != "live" or slot.attempt != attempt:
             return False
-        self._release(self.core.fail(worker, attempt, reason, kind))
+        self._release(self.core.crash(worker, kind, reason=reason))
         return True
 
     async def abandon(self, worker: int) -> None:
@@ -217,8 +206,67 @@ class ServerShard:
                 self.core.positions())
 
 
+class RayChannel:
+    """The worker end of the protocol on Ray: each request is an actor call to every
+    server shard, with its slice of the tensors; step reports ride on the next call."""
+
+    transport_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, shards: list[Any], bounds: list[tuple[int, int]], t0: float,
+                 crash_after: int | None) -> None:
+        self.shards, self.bounds, self.t0 = shards, bounds, t0
+        self.crash_after = crash_after
+        self.stats: list[Any] = []
+        self.commits = 0
+
+    def call(self, req: Any) -> Any:
+        import ray
+
+        from distgrad.protocol.messages import (
+            CommitRequest,
+            PullRequest,
+            Reply,
+            StatsRequest,
+            reply_kind,
+        )
+
+        if isinstance(req, StatsRequest):
+            req.t = time.time() - self.t0
+            self.stats.append(req)
+            return None
+        stats, self.stats = self.stats, []
+        if not isinstance(req, CommitRequest):
+            into = req.into if isinstance(req, PullRequest) else None
+            bare = replace(req, into=None) if into is not None else req
+            got = ray.get([s.call.remote(bare, stats if i == 0 else [])
+                           for i, s in enumerate(self.shards)])
+            if into is not None:
+                for (lo, hi), out in zip(self.bounds, got, strict=True):
+                    into[lo:hi].numpy()[:] = out[3]
+            version, base = got[0][0], got[0][1]
+            return Reply(req.worker, req.attempt, req.seq, version, base, pulled=into,
+                         kind=reply_kind(req))
+        if self.crash_after is not None and self.commits == self.crash_after:
+            os._exit(17)  # fault injection: the process dies as a crash would
+        payload = req.payload.numpy()
+        stale = None if req.stale is None else req.stale.numpy()
+        bare = replace(req, payload=None, stale=None, pull_into=None)
+        got = ray.get([s.call.remote(bare, stats if i == 0 else [], payload[lo:hi],
+                                     None if stale is None else stale[lo:hi])
+                       for i, (s, (lo, hi)) in enumerate(zip(self.shards, self.bounds,
+                                                               strict=True))])
+        for (lo, hi), (_, _, rep, pulled) in zip(self.bounds, got, strict=True):
+            if req.want_reply and rep is not None:
+                req.payload[lo:hi].numpy()[:] = rep
+            if req.pull_into is not None:
+                req.pull_into[lo:hi].numpy()[:] = pulled
+        self.commits += 1
+        return Reply(req.worker, req.attempt, req.seq, got[0][0], got[0][1],
+                     reply=req.payload if req.want_reply else None, pulled=req.pull_into)
+
+
 class WorkerActor:
-    """One worker: its replica and shard; serves the worker loop against the server actors."""
+    """One worker: its replica and shard; drives the worker loop against the server actors."""
 
     def __init__(self, parts: RunParts, worker: int) -> None:
         torch.set_num_threads(1)
@@ -233,70 +281,14 @@ class WorkerActor:
             crash_after: int | None = None) -> dict[str, int]:
         import ray
 
-        from distgrad.transport.client import wants_reply
-        from distgrad.worker import Commit, Pull, Step
+        from distgrad.protocol.driver import WorkerDriver, drive
 
         k = self.k
         w = self.parts.make_worker(k)
         positions = ray.get([s.admit.remote(k, attempt) for s in shards])
-        w.batches.position = min(positions)
-        want_reply = wants_reply(w.rule)
-        exchange = bool(self.parts.algorithm.server_rule(self.parts.config,
-                                                         self.parts.info).exchange)
-        seq = 0
-        base_version = 0
-        position = w.batches.position
-        stats: list[tuple[int, float, float, int, int]] = []
-        commits = 0
-        gen = w.run()
-        reply: int | None = None
-        while True:
-            try:
-                req = gen.send(reply)
-            except StopIteration:
-                break
-            seq += 1
-            if isinstance(req, Step):
-                s = req.stats
-                stats.append((seq, time.time() - t0, s.loss, s.correct, s.samples))
-                reply = None
-            elif isinstance(req, Pull):  # (a read comes between steps: their stats go first)
-                got = ray.get([s.pull.remote(k, attempt, seq, req.record,
-                                             stats if i == 0 else [])
-                               for i, s in enumerate(shards)])
-                stats = []
-                for (lo, hi), (_, part) in zip(bounds, got, strict=True):
-                    req.into[lo:hi].numpy()[:] = part
-                reply = got[0][0]
-                if req.record:
-                    base_version = reply
-            elif isinstance(req, Commit):
-                if crash_after is not None and commits == crash_after:
-                    os._exit(17)  # fault injection: the process dies as a crash would
-                payload = req.payload.numpy()
-                stale = None if req.stale_center is None else req.stale_center.numpy()
-                position += req.samples
-                refs = [s.commit.remote(k, attempt, seq, base_version, req.steps, req.samples,
-                                        position, payload[lo:hi],
-                                        None if stale is None else stale[lo:hi], want_reply,
-                                        req.pull_into is not None, stats if i == 0 else [])
-                        for i, (s, (lo, hi)) in enumerate(zip(shards, bounds, strict=True))]
-                got = ray.get(refs)
-                stats = []
-                for (lo, hi), (_, rep, pulled) in zip(bounds, got, strict=True):
-                    if want_reply and rep is not None:
-                        req.payload[lo:hi].numpy()[:] = rep
-                    if req.pull_into is not None:
-                        req.pull_into[lo:hi].numpy()[:] = pulled
-                reply = got[0][0]
-                if req.pull_into is not None or exchange:
-                    base_version = reply
-                commits += 1
-            else:
-                raise TypeError(f"unknown request {req!r}")
-        seq += 1
-        ray.get([s.done.remote(k, attempt, seq) for s in shards])
-        return {"worker": k, "attempt": attempt, "commits": commits}
+        channel = RayChannel(shards, bounds, t0, crash_after)
+        drive(WorkerDriver(w, attempt=attempt, position=min(positions)), channel)
+        return {"worker": k, "attempt": attempt, "commits": channel.commits}
 
 
 # --------------------------------------------------------------------------- engine
@@ -336,7 +328,8 @@ class RayEngine:
     def __init__(self, address: str | None = None, *, shard_threshold: int = 50_000_000,
                  shards: int | None = None, max_restarts: int = 3, server_cpus: float = 0,
                  num_cpus: int | None = None, poll_seconds: float = 0.5,
-                 inject_crash: tuple[int, int] | None = None) -> None:
+                 inject_crash: tuple[int, int] | None = None,
+                 replay: list[tuple[str, int]] | None = None) -> None:
         positive_int("shard_threshold", shard_threshold)
         if shards is not None:
             positive_int("shards", shards)
@@ -349,6 +342,7 @@ class RayEngine:
         self.num_cpus = num_cpus
         self.poll_seconds = poll_seconds
         self.inject_crash = inject_crash
+        self.replay = replay
         self.now = 0.0
         self.bounds: list[tuple[int, int]] = []
         self.restarts = 0
@@ -386,7 +380,7 @@ class RayEngine:
         totals = [parts.job.epochs * len(s) for s in parts.shards]
         shard_cls = ray.remote(num_cpus=self.server_cpus, max_restarts=0)(ServerShard)
         shard_actors = [shard_cls.remote(parts.job, center[lo:hi], n_workers, totals, t0,
-                                         i == 0)
+                                         i == 0, self.replay)
                         for i, (lo, hi) in enumerate(self.bounds)]
         worker_cls = ray.remote(num_cpus=1, max_restarts=0)(WorkerActor)
         worker_data = [ray.put(worker_parts(parts, k)) for k in range(n_workers)]

@@ -37,12 +37,13 @@ from __future__ import annotations
 import heapq
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from distgrad.engines.timing import Timing
 from distgrad.metrics.events import Recorder
+from distgrad.metrics.schedule import EvalSchedule
 from distgrad.protocol.core import ProtocolCore
 from distgrad.protocol.driver import WorkerDriver
 from distgrad.protocol.messages import (
@@ -56,22 +57,7 @@ from distgrad.protocol.messages import (
 from distgrad.server import ParameterServer
 
 if TYPE_CHECKING:
-    from distgrad.job import RunParts
-
-
-@dataclass
-class EvalSchedule:
-    """Evaluate the center every ``every_samples`` committed samples (and at the start)."""
-
-    every_samples: int
-    callback: Any  # Callable[[float, int], None]: (t, version) -> records an eval event
-    next_at: int = 0
-
-    def maybe(self, t: float, version: int, committed: int) -> None:
-        if committed >= self.next_at:
-            self.callback(t, version)
-            while self.next_at <= committed:
-                self.next_at += self.every_samples
+    from distgrad.parts import RunParts
 
 
 @dataclass

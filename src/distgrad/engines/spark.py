@@ -30,9 +30,9 @@ import torch
 from distgrad.errors import ConfigError, positive_int
 
 if TYPE_CHECKING:
-    from distgrad.engines.sim import EvalSchedule
-    from distgrad.job import RunParts
     from distgrad.metrics.events import Recorder
+    from distgrad.metrics.schedule import EvalSchedule
+    from distgrad.parts import RunParts
     from distgrad.server import ParameterServer
 
 log = logging.getLogger("distgrad.spark")
@@ -111,7 +111,7 @@ def _task(spec: dict[str, Any]) -> Any:
 
         torch.set_num_threads(1)
         from distgrad.data import Dataset
-        from distgrad.job import RunParts
+        from distgrad.parts import RunParts
         from distgrad.transport.client import NetClient, run_worker
 
         ctx = BarrierTaskContext.get()
@@ -169,8 +169,9 @@ class SparkEngine:
 
     def __init__(self, master: str | None = None, *, max_failures: int = 4,
                  timeout: float = 120.0, inject_failure: tuple[int, int] | None = None,
-                 dataframe: Any = None) -> None:
+                 dataframe: Any = None, replay: list[tuple[str, int]] | None = None) -> None:
         positive_int("max_failures", max_failures)
+        self.replay = replay
         self.master = master
         self.max_failures = max_failures
         self.timeout = timeout
@@ -208,8 +209,8 @@ class SparkEngine:
                     server: ParameterServer, recorder: Recorder, evals: EvalSchedule) -> float:
         """Run the barrier stage over ``df`` (columns ``features`` array<float>, ``label``),
         one partition per worker, serving the commits on this driver."""
+        from distgrad.protocol.core import ProtocolCore
         from distgrad.transport.auth import new_secret
-        from distgrad.transport.core import ServerCore
         from distgrad.transport.server import NetServer
 
         workers = int(job.workers)
@@ -227,7 +228,8 @@ class SparkEngine:
         host = spark.conf.get("spark.driver.host", "127.0.0.1")
         local = spark.sparkContext.master.startswith("local")
         secret = new_secret()
-        core = ServerCore(server, recorder, clock, on_update=evals.maybe)
+        core = ProtocolCore(server, recorder, clock, on_update=evals.maybe,
+                            schedule=self.replay)
         net = NetServer(core, secret, bind="127.0.0.1" if local else "0.0.0.0",
                         advertise="127.0.0.1" if local else host,
                         worker_timeout=max(self.timeout * 4, 600.0))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distgrad.worker import LossFn, flatten_parameters, is_classification
+from distgrad.replica import LossFn, flatten_parameters, is_classification
 
 
 class Evaluator:

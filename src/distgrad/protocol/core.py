@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ from distgrad.protocol.messages import (
     Reply,
     Request,
     StatsRequest,
+    reply_kind,
 )
 from distgrad.server import CommitRecord, ParameterServer, RoundRecord
 
@@ -129,7 +131,8 @@ class ProtocolCore:
     def __init__(self, server: ParameterServer, sink: EventSink | None,
                  clock: Callable[[], float], totals: list[int] | None = None,
                  on_update: Callable[[float, int, int], None] | None = None,
-                 trusted: bool = False) -> None:
+                 trusted: bool = False,
+                 schedule: list[tuple[str, int]] | None = None) -> None:
         self.server = server
         self.sink = sink
         self.clock = clock
@@ -144,13 +147,54 @@ class ProtocolCore:
                 slot.total = int(total)
         self.synchronous = bool(server.rule.synchronous)
         self.round_bytes = 0
+        #: a recorded order of server operations to replay (see :meth:`handle`)
+        self.schedule = deque(schedule) if schedule is not None else None
+        self.deferred: list[deque[AnyRequest]] = [deque() for _ in self.slots]
         start = clock()
         for slot in self.slots:
             slot.last_seen = start
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, req: AnyRequest) -> list[Reply]:
-        """Serve one request; return the replies now due (to it and to other workers)."""
+        """Serve one request; return the replies now due (to it and to other workers).
+
+        With a ``schedule`` (a recorded run's order of pulls, reads, commits and dones,
+        :func:`replay_schedule`), those requests are held until they are next in the
+        schedule, so any transport replays that run's interleaving exactly; once the
+        schedule is used up, requests are served as they come.
+        """
+        if self.schedule is not None and _op(req) is not None:
+            return self._sequence(req)
+        return self._serve(req)
+
+    def _sequence(self, req: AnyRequest) -> list[Reply]:
+        slot = self._check_worker(req.worker)
+        if slot.attempt == req.attempt and req.seq <= slot.seq:
+            return self._serve(req)  # a resend of a request already served (or stale)
+        queue = self.deferred[req.worker]
+        if any(q.seq == req.seq and q.attempt == req.attempt for q in queue):
+            return []  # a resend of a request still waiting for its turn
+        queue.append(req)
+        replies: list[Reply] = []
+        assert self.schedule is not None
+        while self.schedule:
+            op, k = self.schedule[0]
+            queue = self.deferred[k]
+            if not queue:
+                break
+            if _op(queue[0]) != op:
+                raise Rejected(f"replay diverged: worker {k} sent a {_op(queue[0])} where "
+                               f"the recorded run has a {op}")
+            self.schedule.popleft()
+            replies += self._serve(queue.popleft())
+        if not self.schedule:  # the recording is used up: serve what is left directly
+            self.schedule = None
+            for queue in self.deferred:
+                while queue:
+                    replies += self._serve(queue.popleft())
+        return replies
+
+    def _serve(self, req: AnyRequest) -> list[Reply]:
         if isinstance(req, StatsRequest):
             self.stats(req)
             return []
@@ -184,7 +228,7 @@ class ProtocolCore:
         slot = self._check_worker(req.worker)
         if slot.attempt == req.attempt:
             cached = slot.answered
-            if cached is not None and cached.seq == req.seq:
+            if cached is not None and cached.seq == req.seq and cached.kind == reply_kind(req):
                 slot.last_seen = self.clock()
                 log.info("worker %d: request %d received again; answered again, not "
                          "re-applied", req.worker, req.seq)
@@ -509,6 +553,34 @@ class ProtocolCore:
 
     def positions(self) -> list[int]:
         return [s.position for s in self.slots]
+
+
+def _op(req: AnyRequest) -> str | None:
+    """The server operation a request is in a replay schedule (None: not scheduled)."""
+    if isinstance(req, PullRequest):
+        return "pull" if req.record else "read"
+    if isinstance(req, CommitRequest):
+        return "commit"
+    if isinstance(req, DoneRequest):
+        return "done"
+    return None
+
+
+def replay_schedule(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """The order of server operations in a recorded run (its event log): explicit pulls,
+    reads, commits (a synchronous round lists its participants in arrival order) and
+    dones. :class:`ProtocolCore` replays it on any engine (``schedule=``)."""
+    ops: list[tuple[str, int]] = []
+    for e in events:
+        if e["type"] == "pull":
+            ops.append(("read" if e.get("read") else "pull", e["worker"]))
+        elif e["type"] == "commit":
+            ops.append(("commit", e["worker"]))
+        elif e["type"] == "round":
+            ops.extend(("commit", w) for w in e["workers"])
+        elif e["type"] == "done":
+            ops.append(("done", e["worker"]))
+    return ops
 
 
 def _again(cached: Reply) -> Reply:

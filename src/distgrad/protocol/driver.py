@@ -52,16 +52,6 @@ def _take(src: torch.Tensor | None, dst: torch.Tensor, what: str) -> None:
         dst.copy_(src.to(dst.device) if src.device != dst.device else src)
 
 
-def uses_reply(worker: Worker) -> bool:
-    """Does the worker's rule read the server's reply payload (elastic exchange)?"""
-    declared = getattr(worker.rule, "uses_reply", None)
-    if declared is not None:
-        return bool(declared)
-    from distgrad.algorithms.base import WorkerRule  # until every rule declares it
-
-    return type(worker.rule).after_commit is not WorkerRule.after_commit
-
-
 class WorkerDriver:
     """Runs one attempt of one worker as a generator of protocol requests.
 
@@ -76,7 +66,7 @@ class WorkerDriver:
         self.seq = 0
         self.position = position
         self.base_version = base_version
-        self.uses_reply = uses_reply(worker)
+        self.uses_reply = bool(worker.rule.uses_reply)
         worker.batches.position = position
 
     def _next(self) -> int:

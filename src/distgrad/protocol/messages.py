@@ -104,3 +104,12 @@ class Reply:
 
 
 AnyRequest = PullRequest | StatsRequest | CommitRequest | DoneRequest | FailRequest
+
+
+def reply_kind(req: Request) -> str:
+    """The kind of reply a request gets: ``pull``, ``read``, ``commit``, ``done``, ``fail``
+    (a resend must be of the same kind to be answered again)."""
+    if isinstance(req, PullRequest):
+        return "pull" if req.record else "read"
+    return {CommitRequest: "commit", DoneRequest: "done", FailRequest: "fail"}.get(
+        type(req), "?")

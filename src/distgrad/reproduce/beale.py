@@ -56,7 +56,7 @@ SMOOTH = 100
 
 def _run(lam: int, early: bool, knobs: dict[str, Any], seed: int) -> dict[str, Any]:
     steps, lr = int(knobs["steps"]), float(knobs["lr"])
-    job = Job(algorithm="easgd", workers=WORKERS, window=lam,
+    job = Job(engine="sim", algorithm="easgd", workers=WORKERS, window=lam,
               params={"rho": RHO, "elastic_lr": lr, "early_commit": early},
               lr=lr, inner_optimizer="sgd", batch_size=1, epochs=1, seed=seed,
               sharding="contiguous", timing=Timing(model="constant", step_time=1.0),

@@ -74,7 +74,7 @@ def mean_trajectory(n: int, timing: str, seeds: int) -> tuple[np.ndarray, float]
     loss = _CurvedQuadratic(CURVATURES)
     trajs, stale = [], []
     for seed in range(seeds):
-        job = Job(algorithm="downpour", workers=n, window=1, lr=KAPPA / n,
+        job = Job(engine="sim", algorithm="downpour", workers=n, window=1, lr=KAPPA / n,
                   inner_optimizer="sgd", batch_size=1, epochs=1, seed=seed,
                   sharding="contiguous", timing=Timing(model=timing),  # type: ignore[arg-type]
                   track_distance=False, record_batches=False)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from distgrad.job import Job, train
+from distgrad.job import train
 from distgrad.metrics.events import read_events
 from distgrad.models import MLP, initialize
 from distgrad.reproduce.spec import REPRO_MODELS, Experiment, Results, RunData, RunSpec, Setup
@@ -56,25 +56,14 @@ def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "
             f"λ={job.window} {job.epochs} epoch(s) ...")
         start = time.perf_counter()
         model = build_model(spec.model_name(setup), exp.seed)
-        res = train(job, model=model)
-        _write_run(out, job, res.summary, res.events)
+        marker.unlink(missing_ok=True)  # the marker goes back only once the run has finished
+        # the run directory as `distgrad train --out` writes it, without the per-run plots:
+        # the experiment's figures show the runs
+        res = train(job, model=model, out=out, overwrite=True, figures=False)
         marker.write_text(json.dumps(key, indent=1) + "\n")
         acc = res.summary["test_accuracy"]
         log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: test accuracy "
             f"{'n/a' if acc is None else f'{acc:.4f}'}, {time.perf_counter() - start:.0f} s")
-
-
-def _write_run(out: Path, job: Job, summary: dict[str, Any], events: list[dict[str, Any]]
-               ) -> None:
-    """Write the run directory files the reports read (as ``train(out=...)`` does, without
-    its per-run plots: the experiment's figures show the runs)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(job.to_dict(), indent=2) + "\n")
-    with (out / "events.jsonl").open("w") as f:
-        for e in events:
-            f.write(json.dumps(e, allow_nan=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
 def load_runs(exp: Experiment, scale: str, runs_dir: Path) -> Results:

@@ -21,10 +21,11 @@ from torch import nn
 
 from distgrad.algorithms.base import StepStats, WorkerRule
 from distgrad.data import Dataset, make_shards
-from distgrad.engines.sim import EvalSchedule, SimEngine
+from distgrad.engines.sim import SimEngine
 from distgrad.errors import ConfigError
-from distgrad.job import Job, RunParts
 from distgrad.metrics.events import Recorder
+from distgrad.metrics.schedule import EvalSchedule
+from distgrad.parts import Job, RunParts
 from distgrad.worker import Worker
 
 BEALE_OPTIMUM = (3.0, 0.5)
@@ -86,6 +87,8 @@ class _ProbeRule(WorkerRule):
         self.alpha = float(getattr(inner.config, "alpha", 0.0))
         self.pull_after_commit = inner.pull_after_commit  # type: ignore[misc]
         self.sends_stale_center = inner.sends_stale_center  # type: ignore[misc]
+        self.uses_reply = inner.uses_reply  # type: ignore[misc]
+        self.reads = inner.reads  # type: ignore[misc]
 
     def setup(self, rep: Any) -> None:
         self.inner.setup(rep)

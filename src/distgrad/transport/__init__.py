@@ -2,8 +2,9 @@
 
 * :mod:`~distgrad.transport.frames` — the wire format (no pickle);
 * :mod:`~distgrad.transport.auth` — the handshake and session keys;
-* :mod:`~distgrad.transport.core` — validation, attempts, resume, exactly-once;
-* :mod:`~distgrad.transport.server` — :class:`NetServer` (ZeroMQ ROUTER);
+* :mod:`~distgrad.transport.server` — :class:`NetServer` (ZeroMQ ROUTER in front of
+  :class:`~distgrad.protocol.core.ProtocolCore`, which owns validation, attempts,
+  resume and exactly-once);
 * :mod:`~distgrad.transport.client` — :class:`NetClient` and :func:`run_worker`.
 
 pyzmq is imported only when a server or client is built.

@@ -19,8 +19,19 @@ import numpy as np
 import torch
 import zmq
 
-from distgrad.algorithms.base import StepStats, WorkerRule
+from distgrad.algorithms.base import StepStats
 from distgrad.errors import ConfigError
+from distgrad.protocol.driver import WorkerDriver, drive
+from distgrad.protocol.messages import (
+    AnyRequest,
+    CommitRequest,
+    DoneRequest,
+    FailRequest,
+    PullRequest,
+    Reply,
+    StatsRequest,
+    reply_kind,
+)
 from distgrad.transport import auth
 from distgrad.transport.frames import (
     MAX_JSON,
@@ -37,7 +48,7 @@ from distgrad.transport.frames import (
     json_payload,
     mac,
 )
-from distgrad.worker import Commit, Pull, Step, Worker
+from distgrad.worker import Worker
 
 log = logging.getLogger("distgrad.transport")
 
@@ -69,8 +80,12 @@ class NetClient:
 
     ``worker``/``attempt`` None let the server choose (a free slot; the next attempt).
     ``total`` is the number of samples this worker will process, when the server
-    cannot know it (Spark partitions).
+    cannot know it (Spark partitions). It is the network's protocol
+    :class:`~distgrad.protocol.driver.Channel` (:meth:`call`); :meth:`pull`,
+    :meth:`commit` and friends build requests by hand.
     """
+
+    transport_errors: tuple[type[BaseException], ...] = (TransportError,)
 
     def __init__(self, address: str, secret: bytes, *, worker: int | None = None,
                  attempt: int | None = None, total: int | None = None,
@@ -99,8 +114,6 @@ class NetClient:
         self.position = int(self.info["position"])
         self.parameters = int(self.info["parameters"])
         self.full = self.info.get("integrity", "full") == "full"
-        #: every commit reads the current center atomically (elastic exchange)
-        self.exchange = bool(self.info.get("exchange", False))
         self.max_payload = max(2 * self.parameters * 4, MAX_JSON)
 
     # ------------------------------------------------------------------ handshake
@@ -151,9 +164,9 @@ class NetClient:
         except FrameError as exc:
             raise TransportError(f"unreadable message from the server: {exc}") from None
 
-    def _frames(self, kind: Kind, *, flags: Flag = Flag.NONE, array: np.ndarray | None = None,
-                data: bytes | None = None, **fields: int | float) -> tuple[int, list[Any]]:
-        self.seq += 1
+    def _frames(self, kind: Kind, seq: int, *, flags: Flag = Flag.NONE,
+                array: np.ndarray | None = None, data: bytes | None = None,
+                **fields: int | float) -> list[Any]:
         if array is not None:
             dtype, shape, view = array_payload(array)
         elif data is not None:
@@ -161,13 +174,14 @@ class NetClient:
         else:
             dtype, shape, view = DType.NONE, (), memoryview(b"")
         header = Header(kind=kind, flags=flags, dtype=dtype, shape=shape, worker=self.worker,
-                        attempt=self.attempt, seq=self.seq, session=self.session, **fields)
+                        attempt=self.attempt, seq=seq, session=self.session, **fields)
         raw = header.pack()
         full = self.full or dtype == DType.JSON
-        return self.seq, [raw, mac(self.key, raw, view, full), view]
+        return [raw, mac(self.key, raw, view, full), view]
 
     def _call(self, frames: list[Any], seq: int) -> tuple[Header, memoryview]:
-        """Send a request and wait for its answer, resending it on silence."""
+        """Send a request and wait for its answer, resending it on silence (the server
+        answers a resent request again without applying it twice)."""
         tries = 0
         self.sock.send_multipart(frames, copy=False)
         while True:
@@ -199,41 +213,50 @@ class NetClient:
                 continue
             return h, payload
 
-    # ------------------------------------------------------------------ requests
-    def pull(self, into: torch.Tensor, record: bool = True) -> int:
-        """Copy the center into ``into``; ``record=False`` is a read (no new pull clock)."""
-        seq, frames = self._frames(Kind.PULL, flags=Flag.NONE if record else Flag.READ)
-        h, payload = self._call(frames, seq)
-        if h.kind != Kind.PULLED or h.shape != (1, self.parameters):
-            raise TransportError(f"bad answer to PULL: {h.kind.name} {h.shape}")
-        into.copy_(torch.from_numpy(as_array(h, payload)[0]))
-        if record:
-            self.base_version = h.version
-        return h.version
+    # ------------------------------------------------------------------ the channel
+    def call(self, req: AnyRequest) -> Reply | None:
+        """Carry one protocol request to the server and return its reply (the
+        :class:`~distgrad.protocol.driver.Channel` of the network transport)."""
+        if isinstance(req, StatsRequest):  # one-way: no answer
+            s = req.stats
+            self.sock.send_multipart(self._frames(Kind.STATS, req.seq, value=float(s.loss),
+                                                  steps=s.correct, samples=s.samples),
+                                     copy=False)
+            return None
+        if isinstance(req, PullRequest):
+            flags = Flag.NONE if req.record else Flag.READ
+            h, payload = self._call(self._frames(Kind.PULL, req.seq, flags=flags), req.seq)
+            if h.kind != Kind.PULLED or h.shape != (1, self.parameters):
+                raise TransportError(f"bad answer to PULL: {h.kind.name} {h.shape}")
+            return self._reply(req, h, pulled=torch.from_numpy(as_array(h, payload)[0]))
+        if isinstance(req, CommitRequest):
+            return self._commit(req)
+        if isinstance(req, DoneRequest | FailRequest):
+            data = (json_payload({"reason": req.reason[:2000]})
+                    if isinstance(req, FailRequest) else None)
+            kind = Kind.FAIL if isinstance(req, FailRequest) else Kind.DONE
+            h, _ = self._call(self._frames(kind, req.seq, data=data), req.seq)
+            if h.kind != Kind.ACK:
+                raise TransportError(f"bad answer to {kind.name}: {h.kind.name}")
+            return self._reply(req, h)
+        raise TypeError(f"unknown request {req!r}")
 
-    def stats(self, stats: StepStats) -> None:
-        """Report one local step (one-way: no answer)."""
-        _, frames = self._frames(Kind.STATS, value=float(stats.loss), steps=stats.correct,
-                                 samples=stats.samples)
-        self.sock.send_multipart(frames, copy=False)
+    def _reply(self, req: AnyRequest, h: Header, **tensors: torch.Tensor | None) -> Reply:
+        return Reply(req.worker, req.attempt, req.seq, h.version, h.position, **tensors,
+                     duplicate=bool(h.flags & Flag.AGAIN), kind=reply_kind(req))
 
-    def commit(self, payload: torch.Tensor, steps: int, samples: int,
-               stale: torch.Tensor | None = None, want_reply: bool = False,
-               pull_into: torch.Tensor | None = None) -> int:
-        """Send a commit; write the server's reply payload into ``payload`` (if asked) and
-        the pulled center into ``pull_into``; return the version the worker now holds."""
-        flags = (Flag.REPLY if want_reply else Flag.NONE) | (
-            Flag.PULL if pull_into is not None else Flag.NONE)
-        if stale is not None:
+    def _commit(self, req: CommitRequest) -> Reply:
+        flags = (Flag.REPLY if req.want_reply else Flag.NONE) | (
+            Flag.PULL if req.want_pull else Flag.NONE)
+        if req.stale is not None:
             flags |= Flag.STALE
-            array = torch.stack([payload, stale]).numpy()
+            array = torch.stack([req.payload, req.stale]).numpy()
         else:
-            array = payload.detach().reshape(1, -1).numpy()
-        position = self.position + samples
-        seq, frames = self._frames(Kind.COMMIT, flags=flags, array=array,
-                                   version=self.base_version, steps=steps, samples=samples,
-                                   position=position)
-        h, reply = self._call(frames, seq)
+            array = req.payload.detach().reshape(1, -1).numpy()
+        frames = self._frames(Kind.COMMIT, req.seq, flags=flags, array=array,
+                              version=req.base_version, steps=req.steps, samples=req.samples,
+                              position=req.position)
+        h, reply = self._call(frames, req.seq)
         if h.kind != Kind.COMMITTED:
             raise TransportError(f"bad answer to COMMIT: {h.kind.name}")
         rows = as_array(h, reply) if h.dtype == DType.F32 else np.empty((0, self.parameters))
@@ -241,26 +264,53 @@ class NetClient:
         if rows.shape != (expected, self.parameters):
             raise TransportError(f"COMMITTED holds shape {rows.shape}, expected "
                                  f"({expected}, {self.parameters})")
-        if h.flags & Flag.REPLY:
-            payload.copy_(torch.from_numpy(rows[0]))
-        if pull_into is not None:
-            if not h.flags & Flag.PULL:
-                raise TransportError("the server did not send the pulled center")
-            pull_into.copy_(torch.from_numpy(rows[-1]))
+        if req.want_pull and not h.flags & Flag.PULL:
+            raise TransportError("the server did not send the pulled center")
+        return self._reply(
+            req, h, reply=torch.from_numpy(rows[0]) if h.flags & Flag.REPLY else None,
+            pulled=torch.from_numpy(rows[-1]) if h.flags & Flag.PULL else None)
+
+    # ------------------------------------------------------------------ requests by hand
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def pull(self, into: torch.Tensor, record: bool = True) -> int:
+        """Copy the center into ``into``; ``record=False`` is a read (no new pull clock)."""
+        r = self.call(PullRequest(self.worker, self.attempt, self._next(), record=record))
+        assert r is not None and r.pulled is not None
+        into.copy_(r.pulled)
+        if record:
+            self.base_version = r.base_version
+        return r.version
+
+    def stats(self, stats: StepStats) -> None:
+        """Report one local step (one-way: no answer)."""
+        self.call(StatsRequest(self.worker, self.attempt, self._next(), stats))
+
+    def commit(self, payload: torch.Tensor, steps: int, samples: int,
+               stale: torch.Tensor | None = None, want_reply: bool = False,
+               pull_into: torch.Tensor | None = None) -> int:
+        """Send a commit; write the server's reply payload into ``payload`` (if asked) and
+        the pulled center into ``pull_into``; return the version the worker now holds."""
+        position = self.position + samples
+        r = self._commit(CommitRequest(
+            self.worker, self.attempt, self._next(), base_version=self.base_version,
+            steps=steps, samples=samples, position=position, payload=payload, stale=stale,
+            want_reply=want_reply, want_pull=pull_into is not None))
+        if want_reply and r.reply is not None:
+            payload.copy_(r.reply)
+        if pull_into is not None and r.pulled is not None:
+            pull_into.copy_(r.pulled)
         self.position = position
-        if pull_into is not None or self.exchange:
-            self.base_version = h.version
-        return h.version
+        self.base_version = r.base_version
+        return r.version
 
     def done(self) -> None:
-        seq, frames = self._frames(Kind.DONE)
-        h, _ = self._call(frames, seq)
-        if h.kind != Kind.ACK:
-            raise TransportError(f"bad answer to DONE: {h.kind.name}")
+        self.call(DoneRequest(self.worker, self.attempt, self._next()))
 
     def fail(self, reason: str) -> None:
-        seq, frames = self._frames(Kind.FAIL, data=json_payload({"reason": reason[:2000]}))
-        self._call(frames, seq)
+        self.call(FailRequest(self.worker, self.attempt, self._next(), reason=reason))
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -273,40 +323,7 @@ class NetClient:
         self.close()
 
 
-def wants_reply(rule: WorkerRule) -> bool:
-    """Does the rule read the server's reply in ``after_commit`` (elastic exchange)?"""
-    return type(rule).after_commit is not WorkerRule.after_commit
-
-
 def run_worker(client: NetClient, worker: Worker) -> None:
     """Serve ``worker``'s requests over ``client`` until its data is done, resuming at the
     position the server gave. A failure is reported to the server, then re-raised."""
-    worker.batches.position = client.position
-    want_reply = wants_reply(worker.rule)
-    gen = worker.run()
-    reply: int | None = None
-    try:
-        while True:
-            try:
-                req = gen.send(reply)
-            except StopIteration:
-                break
-            if isinstance(req, Step):
-                client.stats(req.stats)
-                reply = None
-            elif isinstance(req, Pull):
-                reply = client.pull(req.into, record=req.record)
-            elif isinstance(req, Commit):
-                reply = client.commit(req.payload, req.steps, req.samples, req.stale_center,
-                                      want_reply, req.pull_into)
-            else:
-                raise TypeError(f"unknown request {req!r}")
-        client.done()
-    except TransportError:
-        raise
-    except BaseException as exc:
-        try:
-            client.fail(f"{type(exc).__name__}: {exc}")
-        except (TransportError, RemoteError) as report_exc:
-            log.error("could not report the failure to the server: %s", report_exc)
-        raise
+    drive(WorkerDriver(worker, attempt=client.attempt, position=client.position), client)

@@ -68,6 +68,8 @@ class Flag(enum.IntFlag):
     STALE = 4
     #: PULL: a read — the server does not move the worker's pull clock
     READ = 8
+    #: any reply: the answer to a resent request, given again without a second effect
+    AGAIN = 16
 
 
 class DType(enum.IntEnum):
@@ -146,7 +148,7 @@ def decode_header(raw: bytes | memoryview, max_length: int) -> Header:
         dtype_ = DType(dtype)
     except ValueError:
         raise FrameError(f"unknown dtype code {dtype}") from None
-    if flags & ~int(Flag.REPLY | Flag.PULL | Flag.STALE | Flag.READ):
+    if flags & ~int(Flag.REPLY | Flag.PULL | Flag.STALE | Flag.READ | Flag.AGAIN):
         raise FrameError(f"unknown flag bits {flags:#x}")
     if ndim > MAX_DIMS:
         raise FrameError(f"rank {ndim} exceeds {MAX_DIMS}")

@@ -24,7 +24,7 @@ from distgrad.errors import ConfigError
 
 def job_from_dict(d: Mapping[str, Any]) -> Any:
     """The :class:`Job` that ``Job.to_dict()`` described (validated again)."""
-    from distgrad.job import Job
+    from distgrad.parts import Job
 
     data = dict(d)
     timing = dict(data.pop("timing", {}) or {})
@@ -46,8 +46,8 @@ def job_from_dict(d: Mapping[str, Any]) -> Any:
 def parts_from_job(job: Any) -> Any:
     """The :class:`RunParts` of a job with a named dataset and model (as ``train`` builds)."""
     from distgrad.data import load_dataset, make_shards
-    from distgrad.job import RunParts
     from distgrad.models import build_model
+    from distgrad.parts import RunParts
 
     dataset = load_dataset(job.dataset)
     if job.train_samples is not None:

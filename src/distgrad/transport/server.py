@@ -1,4 +1,4 @@
-"""The network parameter server: a ZeroMQ ROUTER socket in front of a :class:`ServerCore`.
+"""The network parameter server: a ZeroMQ ROUTER socket in front of a :class:`ProtocolCore`.
 
 One thread runs :meth:`NetServer.serve` and handles one message at a time, so
 commits reach ``ParameterServer`` one at a time, in arrival order. Replies to
@@ -25,8 +25,17 @@ import zmq
 
 from distgrad.algorithms.base import StepStats
 from distgrad.errors import ConfigError, choose
+from distgrad.protocol.core import ProtocolCore, Rejected
+from distgrad.protocol.messages import (
+    AnyRequest,
+    CommitRequest,
+    DoneRequest,
+    FailRequest,
+    PullRequest,
+    Reply,
+    StatsRequest,
+)
 from distgrad.transport import auth
-from distgrad.transport.core import CommitReply, CommitRequest, Rejected, ServerCore
 from distgrad.transport.frames import (
     DType,
     Flag,
@@ -49,6 +58,9 @@ MIN_LIMIT = 64 * 1024
 #: unauthenticated handshakes kept at once (older ones are dropped)
 MAX_PENDING = 256
 PENDING_TTL = 30.0
+#: the message kind that carries each kind of reply
+_REPLY_KIND = {"pull": Kind.PULLED, "read": Kind.PULLED, "commit": Kind.COMMITTED,
+               "done": Kind.ACK, "fail": Kind.ACK}
 
 
 @dataclass
@@ -70,7 +82,7 @@ class _Pending:
 
 
 class NetServer:
-    """Serves a :class:`ServerCore` over TCP.
+    """Serves a :class:`ProtocolCore` over TCP.
 
     ``bind`` is the interface to listen on (``127.0.0.1`` by default; ``0.0.0.0``
     for other hosts), ``port`` 0 lets the OS choose, ``advertise`` is the host name
@@ -81,7 +93,7 @@ class NetServer:
     session key to send anything).
     """
 
-    def __init__(self, core: ServerCore, secret: bytes, *, bind: str = "127.0.0.1",
+    def __init__(self, core: ProtocolCore, secret: bytes, *, bind: str = "127.0.0.1",
                  port: int = 0, advertise: str | None = None, integrity: str = "full",
                  welcome: dict[str, Any] | None = None, worker_timeout: float = 120.0) -> None:
         self.core = core
@@ -122,6 +134,7 @@ class NetServer:
         self.sessions: dict[int, _Session] = {}
         self.pending: dict[bytes, _Pending] = {}
         self.rejected = 0
+        self.last_message = time.monotonic()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -183,6 +196,7 @@ class NetServer:
     # ------------------------------------------------------------------ dispatch
     def handle(self, parts: list[Any]) -> None:
         """Handle one received message (routing id + three frames)."""
+        self.last_message = time.monotonic()
         peer = bytes(parts[0].buffer) if hasattr(parts[0], "buffer") else bytes(parts[0])
         session: _Session | None = None
         header: Header | None = None
@@ -216,32 +230,29 @@ class NetServer:
             self._reject(peer, session, header, str(exc))
 
     def _request(self, session: _Session, h: Header, payload: memoryview) -> None:
+        """Decode an authenticated request, hand it to the core, send the replies."""
         core, k, a = self.core, session.worker, session.attempt
+        if h.kind == Kind.STATS:
+            core.stats(StatsRequest(k, a, h.seq, StepStats(loss=h.value, correct=h.steps,
+                                                           samples=h.samples)))
+            return
+        req: AnyRequest
         if h.kind == Kind.PULL:
-            version, center = core.pull(k, a, h.seq, record=not h.flags & Flag.READ)
-            self._send(session, Header(kind=Kind.PULLED, worker=k, attempt=a, seq=h.seq,
-                                       version=version), center.numpy().reshape(1, -1))
+            req = PullRequest(k, a, h.seq, record=not h.flags & Flag.READ)
         elif h.kind == Kind.COMMIT:
-            replies = core.commit(self._commit_request(session, h, payload))
-            if not any(r.worker == k and r.seq == h.seq for r in replies):
-                # parked at the barrier: tell the worker to keep waiting
-                self._send(session, Header(kind=Kind.WAIT, worker=k, attempt=a, seq=h.seq))
-            self._send_replies(replies)
-        elif h.kind == Kind.STATS:
-            core.stats(k, a, h.seq, StepStats(loss=h.value, correct=h.steps,
-                                              samples=h.samples))
+            req = self._commit_request(session, h, payload)
         elif h.kind == Kind.DONE:
-            releases = core.done(k, a, h.seq)
-            self._send(session, Header(kind=Kind.ACK, worker=k, attempt=a, seq=h.seq,
-                                       version=core.server.version))
-            self._send_replies(releases)
+            req = DoneRequest(k, a, h.seq)
         elif h.kind == Kind.FAIL:
-            reason = str(as_json(h, payload).get("reason", ""))
-            releases = core.fail(k, a, reason)
-            self._send(session, Header(kind=Kind.ACK, worker=k, attempt=a, seq=h.seq))
-            self._send_replies(releases)
+            req = FailRequest(k, a, h.seq, reason=str(as_json(h, payload).get("reason", "")))
         else:
             raise FrameError(f"unexpected {h.kind.name} message from a worker")
+        replies = core.handle(req)
+        if h.kind == Kind.COMMIT and not any(r.worker == k and r.seq == h.seq
+                                             for r in replies):
+            # parked at the barrier or the gate: tell the worker to keep waiting
+            self._send(session, Header(kind=Kind.WAIT, worker=k, attempt=a, seq=h.seq))
+        self._send_replies(replies)
 
     def _commit_request(self, session: _Session, h: Header, payload: memoryview
                         ) -> CommitRequest:
@@ -253,16 +264,26 @@ class NetServer:
         # one copy out of the receive buffer: the rule may rewrite the payload in place
         data = torch.from_numpy(as_array(h, payload).copy())
         return CommitRequest(
-            worker=session.worker, attempt=session.attempt, seq=h.seq,
-            base_version=h.version, steps=h.steps, samples=h.samples, position=h.position,
-            payload=data[0], stale=data[1] if rows == 2 else None,
-            want_reply=bool(h.flags & Flag.REPLY), want_pull=bool(h.flags & Flag.PULL))
+            session.worker, session.attempt, h.seq, base_version=h.version, steps=h.steps,
+            samples=h.samples, position=h.position, payload=data[0],
+            stale=data[1] if rows == 2 else None, want_reply=bool(h.flags & Flag.REPLY),
+            want_pull=bool(h.flags & Flag.PULL), nbytes=int(data.numel()) * 4)
 
-    def _send_replies(self, replies: list[CommitReply]) -> None:
+    def _send_replies(self, replies: list[Reply]) -> None:
         for r in replies:
             session = self._session_of(r.worker, r.attempt)
             if session is None:
                 continue  # that attempt's connection is gone; it will resend or be replaced
+            header = Header(kind=_REPLY_KIND[r.kind], worker=r.worker, attempt=r.attempt,
+                            seq=r.seq, version=r.version, position=r.base_version,
+                            flags=Flag.AGAIN if r.duplicate else Flag.NONE)
+            if r.kind in ("pull", "read"):
+                assert r.pulled is not None
+                self._send(session, header, r.pulled.reshape(1, -1).numpy())
+                continue
+            if r.kind != "commit":
+                self._send(session, header)
+                continue
             rows = [t for t in (r.reply, r.pulled) if t is not None]
             flags = (Flag.REPLY if r.reply is not None else Flag.NONE) | (
                 Flag.PULL if r.pulled is not None else Flag.NONE)
@@ -270,8 +291,7 @@ class NetServer:
                 array = rows[0].reshape(1, -1).numpy()  # no copy
             else:
                 array = torch.stack(rows).numpy() if rows else None
-            self._send(session, Header(kind=Kind.COMMITTED, flags=flags, worker=r.worker,
-                                       attempt=r.attempt, seq=r.seq, version=r.version),
+            self._send(session, Header(**{**header.__dict__, "flags": header.flags | flags}),
                        array)
 
     def _session_of(self, worker: int, attempt: int) -> _Session | None:
