@@ -134,6 +134,8 @@ def test_interrupt_then_resume_continues_clock_and_center_exactly(mnist_small, t
     assert after[0]["t"] >= resumed[0]["t"]
     committed = sum(e["samples"] for e in res.events if e["type"] == "commit")
     assert committed == 4 * 3000
+    assert res.samples == 4 * 3000  # a whole checkpoint: no step before it is taken again
+    assert snap["format"] == 2 and any(w is not None for w in snap["workers"])
     assert res.summary["status"] == "completed" and res.test_accuracy > 0.7
 
 

@@ -105,12 +105,12 @@ def resolve_job(job: Job | None, job_fields: Mapping[str, Any], *,
 
 
 def load_resume(run_dir: Path) -> tuple[Job, dict[str, Any]]:
-    """The job recorded in ``run_dir`` and its last checkpoint (local runs only)."""
+    """The job recorded in ``run_dir`` and its last checkpoint (local and sim runs)."""
     job = Job.from_dict(read_run_config(run_dir))
     ckpt = run_dir / CHECKPOINT
-    if job.engine != "local":
-        raise ConfigError(f"only local-engine runs can be resumed; {str(run_dir)!r} ran on "
-                          f"{job.engine!r}")
+    if job.engine not in ("local", "sim"):
+        raise ConfigError(f"only local- and sim-engine runs can be resumed; "
+                          f"{str(run_dir)!r} ran on {job.engine!r}")
     if not ckpt.exists():
         raise ConfigError(f"{str(run_dir)!r} has no checkpoint.pt (run it with "
                           "--checkpoint-every SECONDS)")
@@ -173,7 +173,8 @@ class Run:
         job = parts.job
         server = parts.make_server()
         if snapshot is not None:
-            # the workers restart with fresh pulls: none of them is waiting at a gate any more
+            # no worker waits at a gate after a resume (a whole local checkpoint is taken
+            # with every worker between steps; an older one restarts them with fresh pulls)
             server.load_state_dict({**snapshot["server"], "held": []})
         per_epoch = (epoch_samples if epoch_samples is not None
                      else len(parts.dataset.y_train))
@@ -197,6 +198,7 @@ class Run:
             recorder.samples = int(snapshot["samples"])
             recorder.samples_committed = int(snapshot["samples_committed"])
             recorder.commits = int(snapshot["commits"])
+            recorder.bytes_committed = int(snapshot.get("bytes_committed", 0))
             recorder.note(float(snapshot["t"]), "resume", version=server.version,
                           center_sha256=server.params_sha256())
         x, y = eval_data if eval_data is not None else (parts.dataset.x_test,

@@ -68,7 +68,13 @@ def truncate_lines(path: Path, lines: int) -> None:
 
 
 def write_checkpoint(path: Path, snapshot: dict[str, Any]) -> None:
-    """Atomically write a snapshot: a temporary file, then rename."""
+    """Atomically write a snapshot: a temporary file, then rename.
+
+    The ``local`` engine's (format 2) holds ``server``, ``core`` (protocol bookkeeping),
+    ``workers`` (per worker ``{"worker": Worker.state_dict(), "driver": ...}``, None for
+    a finished or dead one), ``schedule`` (what is left of a replay, or None), ``orders``
+    (each worker's samples not yet in the center), the recorder's counters, ``t`` and
+    ``events`` (the event-log lines it covers)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(snapshot, tmp)
     os.replace(tmp, path)

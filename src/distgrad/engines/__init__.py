@@ -49,7 +49,9 @@ def make_engine(job: Job, options: Any = None, **modes: Any) -> Engine:
     options dataclass; default: its defaults).
 
     ``modes`` are run modes of the process engine: ``replay`` (a recorded
-    schedule), ``resume`` (a checkpoint) and ``checkpoint_path``. The ``local`` and
+    schedule), ``resume`` (a checkpoint) and ``checkpoint_path``; ``sim`` takes
+    ``resume`` and ``checkpoint_path`` too (its ``checkpoint_every`` counts virtual
+    seconds). The ``local`` and
     ``sim`` options are still job fields (:meth:`Job.with_options`): options given here
     for them must equal the job's. Engines can also be built and passed to
     ``train(engine=...)``.
@@ -65,7 +67,7 @@ def make_engine(job: Job, options: Any = None, **modes: Any) -> Engine:
 
         return LocalEngine(job, **modes)
     for key in ("replay", "resume"):
-        if modes.get(key) is not None:
+        if modes.get(key) is not None and not (key == "resume" and job.engine == "sim"):
             raise ConfigError(f"{key} needs the local engine")
     if job.engine == "net":
         raise ConfigError("engine 'net' needs a shared secret and waits for remote workers: "
@@ -81,4 +83,7 @@ def make_engine(job: Job, options: Any = None, **modes: Any) -> Engine:
         return SparkEngine(**(options or SparkOptions()).engine_kwargs())
     from distgrad.engines.sim import SimEngine
 
-    return SimEngine(job.timing, job.seed, threads=job.threads)
+    # sim: checkpoint_every is in virtual seconds; resume is a snapshot the sim wrote
+    return SimEngine(job.timing, job.seed, threads=job.threads,
+                     checkpoint_path=modes.get("checkpoint_path"),
+                     checkpoint_every=job.checkpoint_every, resume=modes.get("resume"))

@@ -27,14 +27,31 @@ live worker with the least work left, so no sample is lost. A Python exception
 inside a worker fails the whole run with that worker's traceback (every worker
 runs the same code; reassigning would only repeat it). Ctrl-C stops every
 worker, writes a final checkpoint and the run directory, and leaves no process
-behind. Every ``checkpoint_every`` seconds the parent snapshots the server state
-(center, rule state, clock) and each worker's uncommitted sample order
-(temp file + rename), from which ``train(..., resume=DIR)`` continues.
+behind. Every ``checkpoint_every`` seconds the parent writes a checkpoint (temp file +
+rename) from which ``train(..., resume=DIR)`` continues exactly.
+
+Checkpoints are whole and consistent: the parent raises a flag in shared memory; each
+worker, at its next step boundary (right after reporting a local step, its generator
+paused at a ``Step``), tells the parent and waits. A worker with a request still waiting
+(a commit parked at the barrier, held by the stale-synchronous gate, or a replayed
+request not yet due) is not at a step boundary and cannot get there before the others
+move: when every live worker is paused or waiting so, the paused ones are let go (the
+flag stays up) and pause again at their next step. Once every live worker is paused,
+no request is in flight: the parent copies the server (center, clock, base versions,
+rule state), the protocol core (positions, sequence numbers), the recorder's counters
+and what is left of a replay schedule, then asks each worker for its
+:meth:`Worker.state_dict` (replica, inner optimizer, rule, batch order and position) and
+its driver's counters, and releases them. A resumed run starts each worker from its
+state: no initial pull, no fresh optimizer, the same sequence numbers. Ctrl-C (SIGINT)
+takes such a checkpoint before stopping (for at most ``_FINAL_WAIT`` seconds); an
+interruption raised inside the serving loop (e.g. by a progress callback) leaves the
+last periodic checkpoint standing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import signal
@@ -74,8 +91,13 @@ if TYPE_CHECKING:
 
 # worker -> parent: requests of the protocol (seq and counters as fixed struct records)
 _PULL, _STEP, _COMMIT, _DONE, _FAIL, _READ, _APPLIED = 1, 2, 3, 4, 5, 6, 7
+# worker -> parent: paused at a step boundary (a checkpoint is wanted); its snapshot
+_PAUSED, _STATE = 8, 9
 # parent -> worker
 _REPLY, _EXTRA, _STOP = 1, 2, 3
+# parent -> a paused worker: go on; send your snapshot, then go on
+_GO, _SNAP = 4, 5
+_FINAL_WAIT = 10.0  # seconds Ctrl-C waits for every worker to reach a step boundary
 _STEP_FMT = struct.Struct("<Bqdqq")  # kind, seq, loss, correct, samples
 _REQ_FMT = struct.Struct("<Bqqqqqqq")  # kind, seq, base version, steps, samples, position,
 #                                        flags, bytes on the wire
@@ -102,17 +124,24 @@ class PipeChannel:
     ``center`` is given for lock-free rules (Hogwild): the worker then adds its commits
     into the shared center itself (:meth:`Algorithm.apply_unlocked`) and copies it out,
     with no lock, and only tells the parent that it did (for the event log).
+
+    ``wanted`` (a one-element shared tensor) is the parent's "checkpoint wanted" flag:
+    when it is up at a step boundary the worker pauses (see :meth:`_pause`). ``driver``
+    is the :class:`WorkerDriver` this channel carries, whose counters join the snapshot.
     """
 
     transport_errors = (_Stopped, EOFError, BrokenPipeError, ConnectionResetError)
 
     def __init__(self, conn: Connection, worker: Worker, base: torch.Tensor,
                  payload: torch.Tensor, center: torch.Tensor | None, apply_unlocked: Any,
-                 slow: float) -> None:
+                 slow: float, wanted: torch.Tensor | None = None,
+                 driver: WorkerDriver | None = None) -> None:
         self.conn, self.worker = conn, worker
         self.base, self.payload, self.center = base, payload, center
         self.apply_unlocked = apply_unlocked
         self.slow = slow
+        self.wanted = wanted.numpy() if wanted is not None else None
+        self.driver = driver
         self.resumed = time.perf_counter()
 
     def call(self, req: AnyRequest) -> Reply | None:
@@ -128,6 +157,8 @@ class PipeChannel:
                 time.sleep(self.slow * (time.perf_counter() - self.resumed))
             s = req.stats
             conn.send_bytes(_STEP_FMT.pack(_STEP, req.seq, s.loss, s.correct, s.samples))
+            if self.wanted is not None and self.wanted[0]:
+                self._pause()
             return None
         if isinstance(req, PullRequest):
             conn.send_bytes(_REQ_FMT.pack(_PULL if req.record else _READ, req.seq,
@@ -172,6 +203,30 @@ class PipeChannel:
             reply.pulled = req.pull_into
         return reply
 
+    def _pause(self) -> None:
+        """At a step boundary (the worker's generator is suspended at a ``Step``, no request
+        in flight): tell the parent, wait until it lets this worker go, sending the
+        worker's and the driver's snapshot first if it asks for them."""
+        self.conn.send_bytes(bytes([_PAUSED]))
+        while True:
+            msg = self.conn.recv_bytes()
+            kind = msg[0]
+            if kind == _GO:
+                return
+            if kind == _SNAP:
+                assert self.driver is not None
+                buf = io.BytesIO()
+                torch.save({"worker": self.worker.state_dict(),
+                            "driver": self.driver.state_dict()}, buf)
+                self.conn.send_bytes(bytes([_STATE]) + buf.getvalue())
+                return
+            if kind == _EXTRA:
+                self.worker.batches.extend(np.frombuffer(msg[1:], dtype=np.int64))
+            elif kind == _STOP:
+                raise _Stopped
+            else:
+                raise RuntimeError(f"unexpected message kind {kind} from the parent")
+
     def _await(self, seq: int) -> Reply:
         """Block until the parent's reply to ``seq``; take in extra work sent before it."""
         while True:
@@ -190,10 +245,37 @@ class PipeChannel:
                 raise RuntimeError(f"unexpected message kind {kind} from the parent")
 
 
+def build_worker(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
+                 device: str = "cpu", order: np.ndarray | None = None,
+                 state: bytes | None = None) -> tuple[Worker, WorkerDriver]:
+    """Worker k and its driver as worker process k runs them: on the CPU the replica's
+    pull and commit buffers are the shared ``base`` and ``payload``; ``order`` and
+    ``state`` as in :func:`_worker_main`."""
+    worker = parts.make_worker(k, device=device)
+    if order is not None:
+        worker.batches = BatchSource.from_order(
+            parts.dataset.x_train, parts.dataset.y_train, order, parts.job.batch_size,
+            device=device)
+    rep = worker.rep
+    if rep.params.device.type == "cpu":  # the replica reads and writes the shared buffers
+        rep.base, rep.payload = base, payload
+    driver = WorkerDriver(worker)  # sets the batch position: load the state after it
+    if state is not None:
+        saved = torch.load(io.BytesIO(state), weights_only=True)
+        worker.load_state_dict(saved["worker"])  # into the shared buffers, in place
+        driver.load_state_dict(saved["driver"])
+    return worker, driver
+
+
 def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
                  conn: Connection, device: str, order: np.ndarray | None,
-                 threads: int, center: torch.Tensor | None) -> None:
+                 threads: int, center: torch.Tensor | None, wanted: torch.Tensor | None = None,
+                 state: bytes | None = None) -> None:
     """Entry point of worker process k: build the worker, drive it over the pipe.
+
+    ``order`` replaces the worker's batch order (an older checkpoint's remaining samples);
+    ``state`` (``torch.save`` bytes of ``{"worker", "driver"}``, from a checkpoint) restores
+    the worker and its driver exactly where the snapshot was taken.
 
     A straggler (``k < timing.stragglers``) sleeps ``(straggler_factor − 1)`` times
     each step's compute time after the step: a real slowdown of the same shape as
@@ -204,17 +286,10 @@ def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
     timing = parts.job.timing
     slow = timing.straggler_factor - 1.0 if k < timing.stragglers else 0.0
     try:
-        worker = parts.make_worker(k, device=device)
-        if order is not None:
-            worker.batches = BatchSource.from_order(
-                parts.dataset.x_train, parts.dataset.y_train, order, parts.job.batch_size,
-                device=device)
-        rep = worker.rep
-        if rep.params.device.type == "cpu":  # the replica reads and writes the shared buffers
-            rep.base, rep.payload = base, payload
+        worker, driver = build_worker(k, parts, base, payload, device, order, state)
         channel = PipeChannel(conn, worker, base, payload, center,
-                              parts.algorithm.apply_unlocked, slow)
-        drive(WorkerDriver(worker), channel)
+                              parts.algorithm.apply_unlocked, slow, wanted, driver)
+        drive(driver, channel)
     except PipeChannel.transport_errors:
         return  # stopped, or the parent is gone: exit quietly instead of lingering
 
@@ -273,9 +348,21 @@ class LocalEngine:
         torch.set_num_threads(1)  # the parent only copies buffers and evaluates
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distgrad-eval")
         self.slots: list[_Slot] = []
+        # a whole checkpoint (format 2) restores every worker exactly; an older one (format
+        # 1) only the samples each worker had left, with fresh workers
+        exact = self.resume is not None and "workers" in self.resume
+        schedule = self.replay
+        if exact and schedule is None and self.resume.get("schedule") is not None:
+            schedule = [(str(op), int(w)) for op, w in self.resume["schedule"]]
         self.core = ProtocolCore(server, recorder, self._t, totals=[len(o) for o in orders],
                                  on_update=self._on_update, trusted=True,
-                                 schedule=self.replay)
+                                 schedule=schedule)
+        if exact:
+            self.core.load_state_dict(self.resume["core"])
+        # the "checkpoint wanted" flag the workers read at each step boundary
+        self.wanted = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        self.snap_wanted = False
+        self.paused: set[int] = set()
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:  # children inherit SIG_IGN: Ctrl-C reaches only the parent's handler
             old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -284,19 +371,30 @@ class LocalEngine:
                 base = torch.zeros_like(server.center).share_memory_()
                 payload = torch.zeros_like(server.center).share_memory_()
                 parent_end, child_end = ctx.Pipe()
-                done_already = self.resume is not None and len(orders[k]) == 0
+                blob = None
+                if exact:  # the core already knows which workers are live (attempt 0)
+                    done_already = self.core.slots[k].state != "live"
+                    if not done_already:
+                        blob = _worker_blob(self.resume["workers"], k)
+                        # the parent reads base[k] as the stale center k holds
+                        base.copy_(self.resume["workers"][k]["worker"]["replica"]["base"])
+                else:
+                    done_already = self.resume is not None and len(orders[k]) == 0
                 proc = ctx.Process(
                     target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
                     args=(k, parts, base, payload, child_end, devices[k],
-                          orders[k] if self.resume else None, threads,
-                          server.center if lock_free else None))
+                          orders[k] if self.resume and not exact else None, threads,
+                          server.center if lock_free else None, self.wanted, blob))
                 slot = _Slot(k, proc, parent_end, base, payload, orders[k])
                 self.slots.append(slot)
                 if done_already:
-                    slot.done, slot.alive = True, False
-                    self.core.retire(k)
+                    slot.alive = False
+                    slot.done = not exact or self.core.slots[k].state == "done"
+                    if not exact:
+                        self.core.retire(k)
                     continue
-                self.core.admit(k, 0)
+                if not exact:
+                    self.core.admit(k, 0)
                 proc.start()
                 child_end.close()
                 recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
@@ -332,6 +430,14 @@ class LocalEngine:
         return self.now
 
     def _initial_orders(self, parts: RunParts) -> list[np.ndarray]:
+        """Each worker's whole visiting order (for an older checkpoint: what it had left)."""
+        if self.resume is not None and "workers" in self.resume:
+            # the order a live worker saved, reassigned work included; the core's position
+            # counts into it. A finished or dead worker keeps what it had left.
+            return [np.asarray(w["worker"]["batches"]["order"].numpy(), dtype=np.int64)
+                    if w is not None else np.asarray(o.numpy(), dtype=np.int64)
+                    for w, o in zip(self.resume["workers"], self.resume["orders"],
+                                    strict=True)]
         if self.resume is not None:
             return [np.asarray(o.numpy(), dtype=np.int64) for o in self.resume["orders"]]
         orders = []
@@ -345,11 +451,19 @@ class LocalEngine:
     # ------------------------------------------------------------------ serving loop
     def _serve(self) -> None:
         crashes = sorted((t, w) for w, t in self.job.timing.crashes)  # injected SIGKILLs
-        every = self.job.checkpoint_every
-        next_ckpt = self._t() + every if every else math.inf
+        every = self.job.checkpoint_every if self.checkpoint_path is not None else None
+        self.next_ckpt = self._t() + every if every else math.inf
+        self.written = 0  # checkpoints written by this run
+        stop_by = written_at_stop = None
         while any(s.alive and not s.done for s in self.slots):
-            if self.stop_requested:
-                raise KeyboardInterrupt
+            if self.stop_requested:  # Ctrl-C: a last whole checkpoint, then stop
+                if self.checkpoint_path is None:
+                    raise KeyboardInterrupt
+                if stop_by is None:
+                    stop_by, written_at_stop = self._t() + _FINAL_WAIT, self.written
+                    self._want_snapshot()
+                elif self.written > written_at_stop or self._t() >= stop_by:
+                    raise KeyboardInterrupt
             live = [s for s in self.slots if s.alive and not s.done]
             waitables: list[Any] = [s.conn for s in live] + [s.proc.sentinel for s in live]
             timeout = 0.5
@@ -377,8 +491,10 @@ class LocalEngine:
                     self._drain(slot)
                     if slot.alive and not slot.done:
                         self._died(slot)
-            if now >= next_ckpt and self._checkpoint():
-                next_ckpt = now + every
+            if self.snap_wanted:
+                self._advance_snapshot()
+            elif now >= self.next_ckpt:
+                self._want_snapshot()
 
     def _drain(self, slot: _Slot) -> None:
         """Read what a finished process left in its pipe (its DONE may race its exit)."""
@@ -397,6 +513,12 @@ class LocalEngine:
     def _handle(self, slot: _Slot, msg: bytes) -> None:
         """Decode one message of worker ``slot.k`` into a protocol request and serve it."""
         kind, k = msg[0], slot.k
+        if kind == _PAUSED:
+            if self.snap_wanted:
+                self.paused.add(k)
+            else:  # the checkpoint it paused for is already taken
+                self._send(slot, bytes([_GO]))
+            return
         if kind == _STEP:
             _, seq, loss, correct, samples = _STEP_FMT.unpack(msg)
             self.core.stats(StatsRequest(k, 0, seq, StepStats(loss, correct, samples)))
@@ -449,6 +571,7 @@ class LocalEngine:
         if not slot.alive:
             return
         slot.alive = False
+        self.paused.discard(slot.k)
         slot.proc.join(timeout=1.0)
         code = slot.proc.exitcode
         lost = self._remaining(slot)
@@ -494,36 +617,100 @@ class LocalEngine:
             evals.next_at += evals.every_samples
 
     # ------------------------------------------------------------------ checkpoints
-    def snapshot(self) -> dict[str, Any] | None:
-        """Server state, clock and each worker's uncommitted samples; None mid-round."""
-        if self.server._round:  # mid-round (synchronous): the last snapshot stands
-            return None
+    def _want_snapshot(self) -> None:
+        """Ask every worker to pause at its next step boundary (see the module docstring)."""
+        self.snap_wanted = True
+        self.wanted[0] = 1
+
+    def _blocked(self, k: int) -> bool:
+        """Worker k has a request the core holds (barrier, gate, replay order): it gets to
+        its next step boundary only when another worker moves."""
+        return self.core.slots[k].waiting is not None or bool(self.core.deferred[k])
+
+    def _advance_snapshot(self) -> None:
+        """Every live worker paused: take the checkpoint. Every live worker paused or
+        blocked (so waiting for a paused one): let the paused ones go; they pause again at
+        their next step boundary."""
+        live = [s for s in self.slots if s.alive and not s.done]
+        if not live or not self.paused:
+            return
+        if all(s.k in self.paused for s in live):
+            self._take_snapshot(live)
+        elif all(s.k in self.paused or self._blocked(s.k) for s in live):
+            self._release()
+
+    def _release(self) -> None:
+        paused, self.paused = sorted(self.paused), set()
+        for k in paused:
+            self._send(self.slots[k], bytes([_GO]))
+
+    def _send(self, slot: _Slot, msg: bytes) -> None:
+        try:
+            slot.conn.send_bytes(msg)
+        except (BrokenPipeError, OSError):
+            self._died(slot)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The parent's half of a checkpoint: server (center, clock, base versions, rule
+        state), protocol core, what is left of a replay schedule, each worker's remaining
+        samples and the recorder's counters. Consistent only while no request is in flight
+        (every live worker paused at a step boundary)."""
+        core = self.core
         return {
-            "format": 1,
+            "format": 2,
             "t": self._t(),
             "server": self.server.state_dict(),
+            "core": core.state_dict(),
+            "schedule": None if core.schedule is None else [[op, w] for op, w in core.schedule],
             "orders": [torch.from_numpy(self._remaining(s).copy()) for s in self.slots],
             "samples": self.recorder.samples,
             "samples_committed": self.recorder.samples_committed,
             "commits": self.recorder.commits,
+            "bytes_committed": self.recorder.bytes_committed,
         }
 
-    def _checkpoint(self) -> bool:
-        if self.checkpoint_path is None:
-            return True
-        snap = self.snapshot()
-        if snap is None:
-            return False
+    def _take_snapshot(self, live: list[_Slot]) -> None:
+        """Every live worker is paused at a step boundary: snapshot the parent, collect each
+        worker's state (it then goes on by itself) and write the checkpoint."""
+        try:
+            snap = self.snapshot()
+        except RuntimeError:  # a request still waits (a dead worker's?): try again later
+            self._release()
+            return
+        self.snap_wanted = False
+        self.wanted[0] = 0
+        workers: list[dict[str, Any] | None] = [None] * len(self.slots)
+        lost: list[_Slot] = []
+        for s in live:  # paused: the next message of each is its state
+            try:
+                s.conn.send_bytes(bytes([_SNAP]))
+                msg = s.conn.recv_bytes()
+            except (EOFError, OSError):
+                lost.append(s)
+                continue
+            if msg[0] != _STATE:
+                raise RuntimeError(f"worker {s.k} sent message kind {msg[0]} instead of its "
+                                   "snapshot")
+            workers[s.k] = torch.load(io.BytesIO(msg[1:]), weights_only=True)
+        self.paused.clear()
+        for s in lost:
+            self._died(s)
+        if lost:  # the snapshot misses a worker: the last checkpoint stands; retry soon
+            self.next_ckpt = self._t()
+            return
+        snap["workers"] = workers
         self.recorder.note(snap["t"], "checkpoint", version=snap["server"]["version"])
         snap["events"] = len(self.recorder.events)  # a resume drops the events after this
+        assert self.checkpoint_path is not None
         write_checkpoint(self.checkpoint_path, snap)
-        return True
+        self.written += 1
+        every = self.job.checkpoint_every  # counted from the end of this one: a slow write
+        self.next_ckpt = self._t() + every if every else math.inf  # (big model) never loops
 
     # ------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
-        """Stop every worker and reap it: no process survives the run."""
-        if self.interrupted and self.checkpoint_path is not None:
-            self._checkpoint()  # mid-round (synchronous) the last periodic snapshot stands
+        """Stop every worker and reap it: no process survives the run (the last whole
+        checkpoint stands: an interrupted run takes none here)."""
         for s in self.slots:
             if s.proc.pid is None:
                 continue
@@ -542,6 +729,16 @@ class LocalEngine:
                 s.proc.kill()
                 s.proc.join()
             s.conn.close()
+
+
+def _worker_blob(workers: list[dict[str, Any] | None], k: int) -> bytes:
+    """Worker k's saved state, serialized for its process."""
+    state = workers[k]
+    if state is None:
+        raise RuntimeError(f"the checkpoint holds no state for live worker {k}")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def _worker_seed(seed: int, k: int) -> list[int]:

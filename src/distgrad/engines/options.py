@@ -79,8 +79,9 @@ class LocalOptions:
         "reassign", "reassign|drop: what happens to the samples a dead worker had not "
                     "committed (reassign: a live worker takes them)", metavar="HOW")
     checkpoint_every: float | None = option(
-        None, "snapshot the server (center, rule state, clock) every SEC seconds to "
-              "DIR/checkpoint.pt", metavar="SEC")
+        None, "snapshot the whole run (center, clock, rule state, every worker's optimizer "
+              "and position) every SEC seconds (sim: virtual seconds) to DIR/checkpoint.pt; "
+              "--resume DIR continues from it", metavar="SEC")
     deferred_eval: bool = option(
         False, "snapshot the center on the --eval-every schedule but evaluate the snapshots "
                "after training (no CPU taken from the workers)")

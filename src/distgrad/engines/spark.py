@@ -115,9 +115,10 @@ def _task(spec: dict[str, Any]) -> Any:
         from distgrad.transport.client import NetClient, run_worker
 
         ctx = BarrierTaskContext.get()
-        k = ctx.partitionId()
         attempt = ctx.taskAttemptId()  # unique and increasing within the application
-        x, y = arrow_to_tensors(batches)
+        batches = [b for b in batches if b.num_rows]
+        k = _partition_worker(batches, ctx.partitionId())
+        x, y = arrow_to_tensors(iter(batches))
         job = spec["job"]
         n = job.workers
         parts = RunParts(job=job, dataset=Dataset("spark", x, y, x[:0], y[:0]),
@@ -130,27 +131,42 @@ def _task(spec: dict[str, Any]) -> Any:
             fail = spec.get("inject_failure")
             if fail is not None and fail[0] == k and client.position == 0:  # first attempt
                 _fail_after(client, fail[1])
-            run_worker(client, worker)
+            position = run_worker(client, worker)
             yield pa.RecordBatch.from_pydict({
                 "worker": pa.array([k], pa.int64()), "attempt": pa.array([attempt], pa.int64()),
-                "samples": pa.array([client.position], pa.int64())})
+                "samples": pa.array([position], pa.int64())})
 
     return run
 
 
+def _partition_worker(batches: list[Any], partition: int) -> int:
+    """The worker a partition belongs to: its rows' ``worker`` column when the frame has one
+    (:func:`shards_frame`), else the partition's index."""
+    if not batches or "worker" not in batches[0].schema.names:
+        return partition
+    ids = np.unique(np.concatenate([b.column("worker").to_numpy(zero_copy_only=False)
+                                    for b in batches]))
+    if len(ids) != 1:
+        raise ValueError(f"partition {partition} holds rows of workers {ids.tolist()}")
+    return int(ids[0])
+
+
 def _fail_after(client: Any, commits: int) -> None:
     """Fault injection: this attempt raises after ``commits`` commits (a crashing task)."""
-    real = client.commit
+    from distgrad.protocol.messages import CommitRequest
+
+    real = client.call
     done = [0]
 
-    def commit(*args: Any, **kwargs: Any) -> int:
-        if done[0] == commits:
-            raise RuntimeError(f"injected failure of worker {client.worker} after "
-                               f"{commits} commits")
-        done[0] += 1
-        return real(*args, **kwargs)
+    def call(req: Any) -> Any:
+        if isinstance(req, CommitRequest):
+            if done[0] == commits:
+                raise RuntimeError(f"injected failure of worker {client.worker} after "
+                                   f"{commits} commits")
+            done[0] += 1
+        return real(req)
 
-    client.commit = commit
+    client.call = call
 
 
 RESULT_SCHEMA = "worker long, attempt long, samples long"
@@ -258,17 +274,21 @@ class SparkEngine:
 
 def shards_frame(spark: Any, parts: RunParts) -> Any:
     """The job's training shards as a DataFrame with exactly one partition per worker, in
-    shard order, so each task trains on the same samples in the same order as in ``sim``."""
+    shard order, so each task trains on the same samples in the same order as in ``sim``.
+
+    Rows carry their ``worker`` and their ``pos`` in the shard: the frame is range-
+    partitioned on ``worker`` and sorted on ``pos`` within each partition, and a task
+    takes its worker id from its rows (a union of per-shard frames, as before, may be
+    merged into fewer partitions by Spark's planner)."""
     import pandas as pd
 
     x, y = parts.dataset.x_train.numpy(), parts.dataset.y_train.numpy()
     frames = []
-    for shard in parts.shards:
-        pdf = pd.DataFrame({"features": list(x[shard].astype(np.float32)),
-                            "label": y[shard].astype(np.int64)})
-        frames.append(spark.createDataFrame(pdf, "features array<float>, label long")
-                      .coalesce(1))
-    df = frames[0]
-    for f in frames[1:]:
-        df = df.union(f)
-    return df  # exactly one partition per shard; the engine checkpoints it
+    for k, shard in enumerate(parts.shards):
+        frames.append(pd.DataFrame({"worker": np.full(len(shard), k, dtype=np.int64),
+                                    "pos": np.arange(len(shard), dtype=np.int64),
+                                    "features": list(x[shard].astype(np.float32)),
+                                    "label": y[shard].astype(np.int64)}))
+    df = spark.createDataFrame(pd.concat(frames, ignore_index=True),
+                               "worker long, pos long, features array<float>, label long")
+    return df.repartitionByRange(len(parts.shards), "worker").sortWithinPartitions("pos")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -543,6 +543,28 @@ class ProtocolCore:
         slot = self.slots[worker]
         slot.state, slot.done_at = "done", self.clock()
         return self._leave(worker, slot.done_at)
+
+    # ------------------------------------------------------------------ snapshots
+    def state_dict(self) -> dict[str, Any]:
+        """The core's bookkeeping (plain data), for a checkpoint taken while no request is
+        in flight: no commit waiting at a barrier or the gate, no replay pending. Replies
+        kept for resends are not saved (a resumed worker is a new attempt or has none)."""
+        if any(s.waiting is not None for s in self.slots) or any(self.deferred):
+            raise RuntimeError("cannot snapshot the protocol while a request is waiting")
+        keys = ("attempt", "state", "seq", "position", "uncommitted", "total", "done_at",
+                "dead_since")
+        return {"slots": [{k: getattr(s, k) for k in keys} for s in self.slots],
+                "round_bytes": self.round_bytes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["slots"]) != len(self.slots):
+            raise ValueError(f"snapshot of {len(state['slots'])} workers, the core has "
+                             f"{len(self.slots)}")
+        for slot, saved in zip(self.slots, state["slots"], strict=True):
+            for k, v in saved.items():
+                setattr(slot, k, v)
+            slot.answered, slot.parked, slot.gated = None, None, None
+        self.round_bytes = int(state["round_bytes"])
 
     # ------------------------------------------------------------------ views
     def finished(self) -> bool:

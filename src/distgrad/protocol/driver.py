@@ -69,6 +69,16 @@ class WorkerDriver:
         self.uses_reply = bool(worker.rule.uses_reply)
         worker.batches.position = position
 
+    def state_dict(self) -> dict[str, int]:
+        """The driver's counters (with :meth:`Worker.state_dict`, a worker between steps)."""
+        return {"attempt": self.attempt, "seq": self.seq, "position": self.position,
+                "base_version": self.base_version}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the counters; the worker's batch position is the worker's own state."""
+        self.attempt, self.seq = int(state["attempt"]), int(state["seq"])
+        self.position, self.base_version = int(state["position"]), int(state["base_version"])
+
     def _next(self) -> int:
         self.seq += 1
         return self.seq

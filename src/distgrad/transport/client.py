@@ -323,7 +323,10 @@ class NetClient:
         self.close()
 
 
-def run_worker(client: NetClient, worker: Worker) -> None:
+def run_worker(client: NetClient, worker: Worker) -> int:
     """Serve ``worker``'s requests over ``client`` until its data is done, resuming at the
-    position the server gave. A failure is reported to the server, then re-raised."""
-    drive(WorkerDriver(worker, attempt=client.attempt, position=client.position), client)
+    position the server gave; return the position reached (samples committed). A failure
+    is reported to the server, then re-raised."""
+    driver = WorkerDriver(worker, attempt=client.attempt, position=client.position)
+    drive(driver, client)
+    return driver.position
