@@ -35,7 +35,7 @@ from distgrad.transport.jobspec import job_from_dict, parts_from_job
 from distgrad.transport.server import NetServer
 
 SECRET = b"conformance-secret-conformance-secret"
-SMALL = dict(model="mlp", train_samples=480, batch_size=40, epochs=1, eval_every=1.0,
+SMALL = dict(model="cnn", train_samples=480, batch_size=40, epochs=1, eval_every=1.0,
              seed=3, workers=2)
 ALGORITHMS = [("downpour", 2, {}), ("adag", 3, {}), ("gem", 2, {}), ("aeasgd", 2, {}),
               ("averaging", 2, {}), ("ssp", 1, {"bound": 1})]

@@ -68,18 +68,10 @@ def adag_apply(center: torch.Tensor, payload: torch.Tensor, stale: torch.Tensor,
         sq, fs = _kernels.adag(center.data_ptr(), payload.data_ptr(), stale.data_ptr(), n,
                                1.0 / gamma, 1 if rewrite2 else 0)
         return math.sqrt(sq), fs / n
-    d = torch.sub(center, stale, out=work if work is not None else torch.empty_like(center))
-    if rewrite2:
-        distance = float(torch.linalg.vector_norm(d))
-        d.mul_(1.0 / gamma)
-        d.mul_(d)
-    else:
-        d.mul_(d)
-        distance = math.sqrt(float(d.sum()))
-        d.mul_(1.0 / gamma)
-    d.add_(1.0)
-    d.reciprocal_()
-    scale = float(d.sum()) / n
+    from distgrad.algorithms.transforms import adag_factor  # the reference path, written once
+
+    d = work if work is not None else torch.empty_like(center)
+    distance, scale = adag_factor(center, stale, gamma, out=d, rewrite2=rewrite2)
     payload.mul_(d)
     center.add_(payload)
     return distance, scale

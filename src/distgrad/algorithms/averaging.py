@@ -21,8 +21,7 @@ import torch
 from distgrad.algorithms.base import (
     Algorithm,
     AlgorithmConfig,
-    CommitContext,
-    ServerRule,
+    RoundSumServer,
     WorkerRule,
 )
 
@@ -41,20 +40,12 @@ class ParamsWorker(WorkerRule):
         return rep.payload.copy_(rep.params)
 
 
-class MeanServer(ServerRule):
+class MeanServer(RoundSumServer):
     """θ̃ ← mean of the round's payloads."""
 
-    synchronous = True
-
-    def setup(self, center: torch.Tensor, workers: int) -> None:
-        self._sum = torch.zeros_like(center)
-
-    def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:
-        self._sum.add_(payload)
-
-    def apply_round(self, center: torch.Tensor, participants: int) -> dict[str, float]:
-        torch.div(self._sum, participants, out=center)
-        self._sum.zero_()
+    def apply_sum(self, center: torch.Tensor, total: torch.Tensor,
+                  participants: int) -> dict[str, float]:
+        torch.div(total, participants, out=center)
         return {}
 
 

@@ -37,6 +37,7 @@ from distgrad.algorithms.base import (
     Algorithm,
     AlgorithmConfig,
     CommitContext,
+    RoundSumServer,
     ServerRule,
     StepStats,
     WorkerRule,
@@ -134,20 +135,12 @@ class EASGDWorker(WorkerRule):
         self.equilibrium = bool(state["equilibrium"])
 
 
-class SumServer(ServerRule):
+class SumServer(RoundSumServer):
     """Synchronous: θ̃ ← θ̃ + Σ_k payload_k once every live worker has committed."""
 
-    synchronous = True
-
-    def setup(self, center: torch.Tensor, workers: int) -> None:
-        self._sum = torch.zeros_like(center)
-
-    def accumulate(self, payload: torch.Tensor, ctx: CommitContext) -> None:
-        self._sum.add_(payload)
-
-    def apply_round(self, center: torch.Tensor, participants: int) -> dict[str, float]:
-        center.add_(self._sum)
-        self._sum.zero_()
+    def apply_sum(self, center: torch.Tensor, total: torch.Tensor,
+                  participants: int) -> dict[str, float]:
+        center.add_(total)
         return {}
 
 

@@ -311,6 +311,21 @@ class _Slot:
     done: bool = False
 
 
+class _WallClock:
+    """Seconds since the run started (continued across a resume), readable by the protocol
+    core without a reference to the engine (no cycle keeps a finished run alive)."""
+
+    __slots__ = ("now", "t0")
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now = time.perf_counter() - self.t0
+        return self.now
+
+
 class LocalEngine:
     """Worker processes with the server in the parent (see module docstring)."""
 
@@ -323,7 +338,7 @@ class LocalEngine:
         self.replay = replay
         self.resume = resume
         self.checkpoint_path = checkpoint_path
-        self.now = 0.0
+        self._clock = _WallClock()
         self.interrupted = False
         self.stop_requested = False
 
@@ -334,7 +349,7 @@ class LocalEngine:
         n = len(parts.shards)
         self.parts, self.server, self.recorder, self.evals = parts, server, recorder, evals
         server.stale_from_engine()  # base[k], in shared memory, is the center k pulled
-        self.t0 = time.perf_counter() - (self.resume["t"] if self.resume else 0.0)
+        self._clock.t0 = time.perf_counter() - (self.resume["t"] if self.resume else 0.0)
         orders = self._initial_orders(parts)
         lock_free = server.rule.lock_free
         if lock_free:  # Hogwild: workers write the center themselves
@@ -354,7 +369,7 @@ class LocalEngine:
         schedule = self.replay
         if exact and schedule is None and self.resume.get("schedule") is not None:
             schedule = [(str(op), int(w)) for op, w in self.resume["schedule"]]
-        self.core = ProtocolCore(server, recorder, self._t, totals=[len(o) for o in orders],
+        self.core = ProtocolCore(server, recorder, self._clock, totals=[len(o) for o in orders],
                                  on_update=self._on_update, trusted=True,
                                  schedule=schedule)
         if exact:
@@ -413,6 +428,7 @@ class LocalEngine:
         finally:
             self._shutdown()
             self.pool.shutdown(wait=True)
+            self.core.on_update = None  # no engine <-> core cycle outlives the run
             torch.set_num_threads(old_threads)
             if main_thread:
                 signal.signal(signal.SIGINT, old_sigint)
@@ -425,9 +441,12 @@ class LocalEngine:
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
 
+    @property
+    def now(self) -> float:
+        return self._clock.now
+
     def _t(self) -> float:
-        self.now = time.perf_counter() - self.t0
-        return self.now
+        return self._clock()
 
     def _initial_orders(self, parts: RunParts) -> list[np.ndarray]:
         """Each worker's whole visiting order (for an older checkpoint: what it had left)."""

@@ -94,6 +94,18 @@ class _State:
     paused: bool = True  # not started yet, or suspended right after a StatsRequest
 
 
+class _VirtualClock:
+    """The simulator's current virtual time, readable by the protocol core."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class SimEngine:
     """Discrete-event simulation of asynchronous (or synchronous) workers.
 
@@ -117,7 +129,7 @@ class SimEngine:
         self.timing = timing
         self.seed = seed
         self.threads = threads
-        self.now = 0.0
+        self._clock = _VirtualClock()
         self.checkpoint_path = checkpoint_path
         self.checkpoint_at = sorted({int(v) for v in checkpoint_at})
         if checkpoint_every is not None and not checkpoint_every > 0:
@@ -128,6 +140,14 @@ class SimEngine:
             raise ValueError("not a snapshot of the sim engine (no 'sim' state in it)")
         self.resume = resume
         self.checkpoints: list[Path] = []  # the files written, in order
+
+    @property
+    def now(self) -> float:
+        return self._clock.now
+
+    @now.setter
+    def now(self, t: float) -> None:
+        self._clock.now = t
 
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
@@ -150,7 +170,9 @@ class SimEngine:
         if snap is not None:  # the workers' own state first: it holds their data order
             self._load_workers(snap["sim"])
         server.stale_from_engine()  # a worker's base buffer is the center as it pulled it
-        self.core = ProtocolCore(server, recorder, lambda: self.now,
+        # the core reads the virtual time through a holder, not through the engine: no
+        # reference cycle keeps a finished run's workers alive until the next full GC
+        self.core = ProtocolCore(server, recorder, self._clock,
                                  totals=[w.batches.total for w in workers],
                                  on_update=evals.maybe, trusted=True)
         for k in range(len(workers)):

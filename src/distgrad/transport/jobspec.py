@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from torch.nn import functional as F
@@ -45,20 +44,9 @@ def job_from_dict(d: Mapping[str, Any]) -> Any:
 
 def parts_from_job(job: Any) -> Any:
     """The :class:`RunParts` of a job with a named dataset and model (as ``train`` builds)."""
-    from distgrad.data import load_dataset, make_shards
-    from distgrad.models import build_model
-    from distgrad.parts import RunParts
+    from distgrad.parts import build_parts
 
-    dataset = load_dataset(job.dataset)
-    if job.train_samples is not None:
-        if job.train_samples > len(dataset.y_train):
-            raise ConfigError(f"train_samples={job.train_samples} exceeds the "
-                              f"{len(dataset.y_train)} training samples of {dataset.name}")
-        dataset = replace(dataset, x_train=dataset.x_train[: job.train_samples],
-                          y_train=dataset.y_train[: job.train_samples])
-    shards = make_shards(dataset.y_train.numpy(), int(job.workers), job.sharding, job.seed)
-    return RunParts(job=job, dataset=dataset, shards=shards,
-                    template=build_model(job.model, job.seed), loss_fn=F.cross_entropy)
+    return build_parts(job)
 
 
 def check_portable(parts: Any) -> None:
