@@ -5,7 +5,7 @@ Layout::
     parent process                                   worker process k (spawn, 1 torch thread)
     ───────────────────────────────────────────      ─────────────────────────────────────────
     ParameterServer (center in shared memory)        Replica: params, grad, inner optimizer
-    serving loop: one request at a time      <─pipe─> Worker.run() generator
+    ProtocolCore: one request at a time      <─pipe─> drive(WorkerDriver, PipeChannel)
     base[k], payload[k]: shared-memory buffers <──── writes payload[k]; reads base[k]
     evaluator thread (snapshots of the center)
 
@@ -18,7 +18,8 @@ and staleness are computed in the same step that applies the commit, exactly as
 in ``sim`` (same :class:`~distgrad.server.ParameterServer`, same events).
 Synchronous rules park committing workers until the round completes (barrier).
 
-Messages on the pipes are tiny fixed ``struct`` records, never pickles.
+Messages on the pipes are tiny fixed ``struct`` records of the protocol's requests
+and replies (:mod:`distgrad.protocol`), never pickles.
 
 Failures: a worker process that dies (SIGKILL, OOM) is seen at once through its
 process sentinel, recorded as a ``fault`` event and removed from the server; with

@@ -1,8 +1,9 @@
 """The ``ray`` engine: the parameter server and the workers as Ray actors.
 
 * **Server**: one async actor holding the center (``ParameterServer`` behind the
-  same :class:`~distgrad.transport.core.ServerCore` guard as the network server:
-  attempts, resume positions, validation, exactly-once). A model with more than
+  same :class:`~distgrad.protocol.core.ProtocolCore` as every engine: attempts,
+  resume positions, validation, exactly-once, replay schedules). Workers drive the
+  protocol with :class:`RayChannel`: each request is one actor call per shard. A model with more than
   ``shard_threshold`` parameters (default 50M) is split into contiguous slices
   over several server actors; every worker pulls from and commits to all of them
   in parallel. Rules are element-wise, so each slice follows the same arithmetic;
