@@ -4,8 +4,8 @@
   same :class:`~distgrad.protocol.core.ProtocolCore` as every engine: attempts,
   resume positions, validation, exactly-once, replay schedules). Workers drive the
   protocol with :class:`RayChannel`: each request is one actor call per shard.
-  A model with more than ``shard_threshold`` parameters (default 50M) is split into contiguous slices
-  over several server actors; every worker pulls from and commits to all of them
+  A model with more than ``shard_threshold`` parameters (default 50M) is split into
+  contiguous slices over several server actors; every worker pulls from and commits to all of them
   in parallel. Rules are element-wise, so each slice follows the same arithmetic;
   but slices apply concurrent commits in their own arrival order (as in
   DistBelief), and the staleness, distance and scale recorded in the events are
