@@ -25,6 +25,7 @@ from distgrad.engines.local import LocalEngine, build_worker
 from distgrad.parts import build_parts
 from distgrad.run import load_replay, load_resume
 from distgrad.rundir import CHECKPOINT, read_checkpoint
+from test_conformance import records
 
 
 def ctrl_c_at(fraction: float):
@@ -40,14 +41,6 @@ def ctrl_c_at(fraction: float):
     return progress, state
 
 
-def records(events: list[dict[str, Any]]) -> list[tuple]:
-    out: list[tuple] = []
-    for e in events:
-        if e["type"] == "commit":
-            out.append((e["worker"], e["version"], e["staleness"], e["distance"]))
-        elif e["type"] == "round":
-            out.append((tuple(e["workers"]), e["version"]))
-    return out
 
 
 def sha(t: torch.Tensor) -> str:

@@ -221,12 +221,7 @@ class PipeChannel:
                             "driver": self.driver.state_dict()}, buf)
                 self.conn.send_bytes(bytes([_STATE]) + buf.getvalue())
                 return
-            if kind == _EXTRA:
-                self.worker.batches.extend(np.frombuffer(msg[1:], dtype=np.int64))
-            elif kind == _STOP:
-                raise _Stopped
-            else:
-                raise RuntimeError(f"unexpected message kind {kind} from the parent")
+            self._other(kind, msg)
 
     def _await(self, seq: int) -> Reply:
         """Block until the parent's reply to ``seq``; take in extra work sent before it."""
@@ -238,12 +233,16 @@ class PipeChannel:
                 if rseq != seq:
                     raise RuntimeError(f"reply to request {rseq}, expected {seq}")
                 return Reply(self.worker.id, 0, seq, version, base)
-            if kind == _EXTRA:
-                self.worker.batches.extend(np.frombuffer(msg[1:], dtype=np.int64))
-            elif kind == _STOP:
-                raise _Stopped
-            else:
-                raise RuntimeError(f"unexpected message kind {kind} from the parent")
+            self._other(kind, msg)
+
+    def _other(self, kind: int, msg: bytes) -> None:
+        """A parent message that is not the one awaited: extra work, or stop."""
+        if kind == _EXTRA:
+            self.worker.batches.extend(np.frombuffer(msg[1:], dtype=np.int64))
+        elif kind == _STOP:
+            raise _Stopped
+        else:
+            raise RuntimeError(f"unexpected message kind {kind} from the parent")
 
 
 def build_worker(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
