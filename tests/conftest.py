@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -33,6 +34,19 @@ class Point(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w.expand(len(x), -1)
+
+
+@pytest.fixture(autouse=True)
+def _default_signal_handlers():
+    """Each test starts with Python's own SIGINT/SIGTERM handlers: ``ray.init`` in this
+    process installs a SIGTERM handler of its own (``sys.exit``) that outlives
+    ``ray.shutdown``, and would otherwise decide how a later test's interrupt ends."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def half_sq(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

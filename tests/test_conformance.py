@@ -152,6 +152,7 @@ def test_net_replays_the_sim_schedule_bit_for_bit(algorithm, window, params):
     assert_conforms(run, ref)
 
 
+@pytest.mark.slow  # a Ray instance per case; local and net replays stay in the default suite
 @pytest.mark.ray
 @pytest.mark.parametrize(("algorithm", "window", "params"),
                          [ALGORITHMS[1], ALGORITHMS[4], ALGORITHMS[5]],
@@ -166,6 +167,7 @@ def test_ray_replays_the_sim_schedule_bit_for_bit(algorithm, window, params):
     assert_conforms(run, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 @pytest.mark.parametrize(("algorithm", "window", "params"), [ALGORITHMS[1], ALGORITHMS[4]],
                          ids=["adag", "averaging"])

@@ -39,7 +39,12 @@ def kill_worker_when(fraction: float, worker: int):
     return progress, state
 
 
-@pytest.mark.parametrize("name", names())
+#: run in the default suite; the others in the slow pass (every algorithm still runs in CI)
+_DEFAULT = {"downpour", "adag", "averaging", "ssp", "hogwild", "diloco", "easgd"}
+
+
+@pytest.mark.parametrize("name", [n if n in _DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in names()])
 def test_every_algorithm_runs_on_local_in_the_sim_band(name, mnist_small, tiny_mlp):
     from test_contract import window_for
 
@@ -64,7 +69,9 @@ def test_killed_worker_is_detected_and_its_samples_reassigned(mnist_small, tiny_
     faults = [e for e in res.events if e["type"] == "fault"]
     assert len(faults) == 1 and faults[0]["worker"] == 1
     assert "signal 9" in faults[0]["detail"]
-    assert faults[0]["reassigned_to"] in (0, 2) and faults[0]["uncommitted"] > 0
+    assert set(faults[0]["reassigned_to"]) <= {0, 2} and faults[0]["uncommitted"] > 0
+    assert sum(n for _, n in faults[0]["reassigned"]) + (faults[0]["pooled"] or 0) == \
+        faults[0]["uncommitted"]
     assert res.samples_lost == 0
     # every one of the 6 x 3000 samples reached the center exactly once
     committed = sum(e["samples"] for e in res.events if e["type"] == "commit")

@@ -121,3 +121,14 @@ def test_shard_bounds_cover_the_vector():
     b = shard_bounds(120_000_000, 50_000_000, None)
     assert len(b) == 5 and b[0][0] == 0 and b[-1][1] == 120_000_000
     assert all(x[1] == y[0] for x, y in itertools.pairwise(b))
+
+
+def test_user_code_by_import_path_on_ray():
+    """The model and data of a user module (imported by every actor, nothing of the user's
+    pickled by distgrad) train on Ray as on sim."""
+    user = dict(model="examples.user_model:make_model", dataset="examples.user_model:make_data",
+                data_args={"n": 600}, algorithm="downpour", window=2, batch_size=25, epochs=2,
+                lr=0.01, workers=2, seed=0)
+    res = train(engine="ray", **user)
+    assert res.summary["status"] == "completed" and res.samples == 1000
+    assert res.test_accuracy > 0.9

@@ -40,6 +40,7 @@ def test_serve_and_work_on_a_laptop(tmp_path: Path) -> None:
     assert (tmp_path / "distgrad.secret").stat().st_mode & 0o077 == 0
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_on_a_laptop(tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="the ray extra is not installed")
@@ -50,6 +51,7 @@ def test_ray_on_a_laptop(tmp_path: Path) -> None:
     assert summary["test_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_spark_on_a_laptop(tmp_path: Path) -> None:
     pytest.importorskip("pyspark", reason="the spark extra is not installed")

@@ -24,6 +24,7 @@ from distgrad.reproduce.analysis import (
     staleness_stats,
     te_pair,
 )
+from distgrad.reproduce.provenance import code_fingerprint
 from distgrad.reproduce.report import evaluate_claims, write_report
 from distgrad.reproduce.runner import load_runs
 from distgrad.reproduce.toy import BEALE_OPTIMUM, Vector, beale, beale_loss, simulate
@@ -100,6 +101,8 @@ def _write_run(path: Path, workers: int, accs: list[float], summary: dict) -> No
             "commits": workers * len(accs), "staleness_mean": workers - 1.0,
             "virtual_seconds": end, "wall_seconds": 1.0}
     (path / "summary.json").write_text(json.dumps({**base, **summary}))
+    # finished, by this code
+    (path / "reproduce.json").write_text(json.dumps({"code_fingerprint": code_fingerprint()}))
 
 
 def test_report_on_a_fixed_event_log(tmp_path):
@@ -166,15 +169,38 @@ def test_results_page_from_a_fixed_event_log(tmp_path):
     discussion.write_text("## Why\n\nBecause.\n")
     page = write_page([Outcome(exp, results, verdicts, figures, report)],
                       tmp_path / "docs" / "reproduction.md", command="distgrad reproduce all",
-                      scale="quick", discussion=discussion)
+                      scale="quick", discussion_file=discussion)
     text = page.read_text()
     assert "```bash\ndistgrad reproduce all\n```" in text
     assert "**Claims: 1 hold · 2 do not hold · 0 not tested here.**" in text
     assert "| [e1-downpour-workers](#e1-downpour-workers) | quick | 1a |" in text
-    assert "## Why\n\nBecause." in text
+    assert "## Why\n\nBecause." in text and "## Notes (hand-written)" in text
+    # the discussion is generated from the verdicts; the why of 1b is marked hand-written
+    assert "**Confirmed (1).** `e1-downpour-workers`: 1a." in text
+    assert "**Not confirmed (2).**" in text and "* **1b** (`e1-downpour-workers`" in text
+    assert "*Why (hand-written): with the thesis' Adam" in text
+    # with the outcomes of another scale: a column, and the verdicts that changed
+    other = write_page([Outcome(exp, results, verdicts, figures, report)],
+                       tmp_path / "docs2" / "reproduction.md", command="c", scale="full",
+                       compare=[Outcome(exp, results, [(c, v.__class__(v.ours, True))
+                                                       for c, v in verdicts],
+                                        figures, report)]).read_text()
+    assert "other scale: ours, verdict |" in other
+    assert "## Verdicts that changed between scales" in other
+    assert "* **1b** (`e1-downpour-workers`): holds at `quick`" in other
     assert "33/49 = 67.35 %" in text and "34/49 = 69.39 %" in text
     assert "(reproduction/e1-downpour-workers-accuracy.png)" in text
     assert (tmp_path / "docs" / "reproduction" / "e1-downpour-workers-accuracy.png").exists()
+
+
+def test_a_partial_grid_reports_its_missing_runs_and_tests_nothing_it_lacks(tmp_path):
+    exp = get_experiment("e6-agn-aeasgd-grid")
+    results = load_runs(exp, "full", tmp_path, allow_missing=True)
+    assert results.data["missing"][:2] == ["agn-n10-l10", "aeasgd-n10-l10"]  # core first
+    assert len(results.data["missing"]) == 98
+    assert all(v.holds is None for _, v in evaluate_claims(results))
+    report, _, figures = write_report(results, tmp_path / "report")
+    assert "**Partial:** 0 of 98 runs finished" in report.read_text() and figures == []
 
 
 def test_missing_run_is_named(tmp_path):

@@ -68,7 +68,8 @@ def check_consistent(snap: dict[str, Any], synchronous: bool) -> list[int]:
 
 
 @pytest.mark.parametrize("algorithm,window,params",
-                         [("adag", 2, {"gamma": 1e-3}), ("averaging", 3, {})])
+                         [("adag", 2, {"gamma": 1e-3}),
+                          pytest.param("averaging", 3, {}, marks=pytest.mark.slow)])
 def test_replay_checkpointed_and_resumed_ends_as_the_uninterrupted_sim_run(
         algorithm, window, params, mnist_small, tiny_mlp, tmp_path):
     sim = train(algorithm=algorithm, engine="sim", workers=3, window=window, seed=8,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from distgrad import train
 from distgrad.engines.net import NetEngine
@@ -19,6 +21,17 @@ from distgrad.transport.jobspec import job_from_dict, parts_from_job
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 SMALL = dict(model="mlp", train_samples=600, batch_size=60, epochs=1, eval_every=0.5)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The in-process workers compute with one torch thread, as ``distgrad work`` does by
+    default and as ``sim`` does for these small models (a CNN's float results depend on
+    the thread count)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def serve_in_thread(job: Job, **engine_kw) -> tuple[NetEngine, threading.Thread, dict, str]:
@@ -110,7 +123,7 @@ def test_a_dead_worker_is_replaced_and_no_window_is_applied_twice(caplog) -> Non
 
 def test_custom_models_cannot_travel(tiny_mlp) -> None:
     job = Job(algorithm="agn", workers=1, engine="net", **SMALL)
-    with pytest.raises(ConfigError, match="custom model"):
+    with pytest.raises(ConfigError, match="cannot be sent to remote workers"):
         train(job, model=tiny_mlp, engine=NetEngine(SECRET))
 
 
@@ -191,3 +204,27 @@ def test_stale_synchronous_gate_over_the_network() -> None:
             clocks[e["worker"]] += 1
             assert abs(clocks[0] - clocks[1]) <= 1
     assert clocks == {0: 5, 1: 5} and res.samples == 600
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codec", ["int8", "fp16", "bf16"])
+def test_compressed_commits_travel_as_their_codec_bytes(codec: str) -> None:
+    """With --compress, a commit's bytes on the wire are exactly the codec's size plus the
+    fixed preamble and one tag per chunk (summary's bytes_per_commit), and the run equals
+    sim's with the same codec."""
+    from distgrad.compression import payload_bytes
+    from distgrad.transport.frames import frame_size
+
+    kw = dict(SMALL, algorithm="agn", workers=1, window=3, seed=4, compression=codec,
+              model="cnn")
+    sim = train(Job(engine="sim", **kw))
+    _, thread, out, address = serve_in_thread(Job(engine="net", **kw))
+    remote_worker(address)
+    thread.join(120)
+    res = out["result"]
+    tensors = 8  # the CNN's weights and biases
+    wire = frame_size(payload_bytes(codec, res.parameters, tensors), "encrypt")
+    assert res.bytes_per_commit == wire
+    assert wire < (0.26 if codec == "int8" else 0.51) * frame_size(4 * res.parameters,
+                                                                   "encrypt")
+    assert res.params_sha256 == sim.params_sha256

@@ -276,3 +276,54 @@ def test_adag_placements_at_the_server_level():
         assert a.metrics["scale"] == b.metrics["scale"] and a.distance == b.distance
         kept.pull(k, torch.empty(3))
         sent.pull(k, pulled[k])
+
+
+# --------------------------------------------------------------------------- honest summary
+
+
+def test_summary_reports_simulated_and_host_rates_and_counts_samples_once(mnist_small,
+                                                                          tiny_mlp):
+    res = train(engine="sim", algorithm="agn", workers=3, window=2, seed=0, model=tiny_mlp,
+                **FAST, **mnist_small)
+    s = res.summary
+    assert s["samples"] == s["samples_processed"] == s["samples_committed"] == 3000
+    assert s["samples_redone"] == 0
+    assert s["samples_per_virtual_second"] == pytest.approx(3000 / s["virtual_seconds"])
+    assert s["samples_per_wall_second"] == pytest.approx(3000 / s["wall_seconds"])
+    assert s["samples_per_second"] == s["samples_per_wall_second"]  # the old name, an alias
+    # 3 workers of 0.05 virtual s per batch of 32: the simulated cluster is far faster
+    # than the host (one core runs all three)
+    assert s["samples_per_virtual_second"] > 3 * 32 / 0.05 * 0.8
+    assert not s["diverged"] and not s["not_learned"]
+
+
+def test_not_learned_is_not_diverged(mnist_small, tiny_mlp):
+    # a learning rate too small to move: finite loss near ln 10, accuracy near chance
+    stalled = train(engine="sim", algorithm="downpour", workers=2, window=1, seed=0,
+                    model=tiny_mlp, epochs=1, batch_size=32, lr=1e-9, inner_optimizer="sgd",
+                    eval_every=0.5, **mnist_small).summary
+    assert stalled["not_learned"] and not stalled["diverged"]
+    # plain SGD with a huge step: the loss explodes or overflows
+    blown = train(engine="sim", algorithm="downpour", workers=2, window=1, seed=0,
+                  model=tiny_mlp, epochs=1, batch_size=32, lr=1e4, inner_optimizer="sgd",
+                  eval_every=0.5, **mnist_small).summary
+    assert blown["diverged"]
+
+
+def test_fixed_order_repeats_each_shard_every_pass(mnist_small, tiny_mlp):
+    orders = {}
+    for fixed in (False, True):
+        job = Job(algorithm="agn", engine="sim", workers=2, window=2, seed=3, epochs=2,
+                  batch_size=32, eval_every=10.0, timing=Timing(fixed_order=fixed))
+        engine = SimEngine(job.timing, job.seed)
+        x, y = mnist_small["data"]
+        train(job, engine=engine, model=tiny_mlp, data=(x[:640], y[:640]),
+              test_data=mnist_small["test_data"])
+        orders[fixed] = [w.batches.order for w in engine.workers]
+    for order in orders[True]:  # dist-keras: one order, the same in both passes
+        half = len(order) // 2
+        assert np.array_equal(order[:half], order[half:])
+    for order in orders[False]:  # default: each pass reshuffled
+        half = len(order) // 2
+        assert not np.array_equal(order[:half], order[half:])
+        assert sorted(order[:half]) == sorted(order[half:])

@@ -15,6 +15,7 @@ pyspark = pytest.importorskip("pyspark", reason="the spark extra is not installe
 
 from distgrad import train  # noqa: E402
 from distgrad.engines.spark import SparkEngine, local_session  # noqa: E402
+from distgrad.errors import ConfigError  # noqa: E402
 from distgrad.job import Job  # noqa: E402
 from distgrad.models import initialize  # noqa: E402
 from distgrad.spark import SparkEvaluator, SparkPredictor, SparkTrainer, accuracy  # noqa: E402
@@ -157,3 +158,39 @@ def test_missing_columns_are_named(spark):
     df = spark.createDataFrame([([1.0, 2.0], 1)], "x array<float>, label long")
     with pytest.raises(Exception, match="no features column 'features'"):
         SparkTrainer(small_model(2, 2), workers=1).fit(df)
+
+
+def test_vector_columns_in_predict_and_evaluate_and_user_code_by_import_path(spark):
+    """A Spark ML vector column passes through predict untouched (once: 'cannot serialize
+    dict'); the model and data of a user module train on the spark engine."""
+    from pyspark.ml.linalg import Vectors
+
+    res = train(engine="spark", workers=2, model="examples.user_model:make_model",
+                dataset="examples.user_model:make_data", data_args={"n": 600},
+                algorithm="downpour", window=2, batch_size=25, epochs=2, lr=0.01)
+    assert res.summary["status"] == "completed" and res.test_accuracy > 0.9
+    from examples.user_model import make_data
+
+    (x, y), _ = make_data(n=120)
+    rows = [(Vectors.dense(r.tolist()), int(c)) for r, c in zip(x, y, strict=True)]
+    df = spark.createDataFrame(rows, ["features", "label"])
+    pred = SparkPredictor(res.model, probability_col="p").transform(df)
+    assert pred.columns == ["features", "label", "prediction", "p"]
+    assert accuracy(pred) > 0.9 and pred.first()["features"].size == 8
+    assert SparkEvaluator(res.model).evaluate(df)["accuracy"] > 0.9
+
+
+def test_fit_overwrite_no_partial_run_dir_and_too_many_workers(spark, mnist_small, tmp_path):
+    (x, y) = mnist_small["data"]
+    df = mnist_frame(spark, x[:200], y[:200])
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="3 workers need 3 concurrent Spark task slots; "
+                                          "this session has 2"):
+        SparkTrainer(small_model(), workers=3, out=out, batch_size=50).fit(df)
+    assert not out.exists()  # nothing left behind that would block the rerun
+    SparkTrainer(small_model(), workers=2, out=out, batch_size=50).fit(df)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        SparkTrainer(small_model(), workers=2, out=out, batch_size=50).fit(df)
+    _, result = SparkTrainer(small_model(), workers=2, out=out, batch_size=50,
+                             overwrite=True).fit(df)
+    assert result.samples == 200 and (out / "summary.json").exists()

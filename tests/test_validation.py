@@ -24,7 +24,8 @@ from distgrad.cli import main
     ({"lr": float("nan")}, r"lr must be a finite number > 0"),
     ({"epochs": 0}, r"epochs must be an integer >= 1"),
     ({"batch_size": 0}, r"batch_size must be an integer >= 1"),
-    ({"inner_optimizer": "rmsprop"}, r"unknown inner optimizer 'rmsprop'; choose from: adam, sgd"),
+    ({"inner_optimizer": "rmsprop"}, r"unknown inner optimizer 'rmsprop'; choose from: sgd, "
+                                     r"adam, a torch\.optim class \(e\.g\. AdamW, RMSprop\)"),
     ({"model": "resnet"}, None),
     ({"sharding": "random"}, r"unknown sharding 'random'"),
     ({"params": {"gamma": 0.0}}, r"gamma must be a finite number > 0, got 0.0"),
@@ -58,7 +59,8 @@ def test_job_rejects(kwargs, match):
     if kwargs.get("model") == "resnet":
         from distgrad import train
 
-        with pytest.raises(ConfigError, match=r"unknown model 'resnet'; choose from: cnn, mlp"):
+        with pytest.raises(ConfigError,
+                           match=r"unknown model 'resnet'; choose from: cnn, gpt, mlp"):
             train(**kwargs, epochs=1)
         return
     with pytest.raises(ConfigError, match=match):
@@ -153,3 +155,19 @@ def test_cli_train_and_compare_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "E(A,B) center test accuracy vs time:" in out
     assert "notebook" in out
+
+
+def test_cli_compare_refuses_mixed_clocks(tmp_path, capsys):
+    """A sim run's seconds are virtual, a local run's are wall-clock: no E(A,B) across."""
+    import json
+
+    for name, engine in (("a", "sim"), ("b", "local")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "events.jsonl").write_text("")
+        (tmp_path / name / "summary.json").write_text(json.dumps({"engine": engine}))
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'sim' (virtual seconds), B on 'local' (wall seconds)" in err
+    assert "--mixed-clocks" in err

@@ -96,10 +96,19 @@ _TIMING_FLAGS: dict[str, dict[str, Any]] = {
     "commit_time": {"metavar": "SEC", "help": "virtual round-trip time of one commit"},
     "server_time": {"metavar": "SEC",
                     "help": "virtual time the server needs per commit; commits queue"},
+    "cost_profile": {"metavar": "FILE",
+                     "help": "sim: take --server-time (for the job's algorithm) and "
+                             "--commit-time from a cost profile written by `distgrad "
+                             "reproduce --measure-costs FILE` (costs measured on the local "
+                             "engine, in units of its measured step: x --step-time, and "
+                             "scaled by the model size); nonzero --server-time/--commit-time "
+                             "win"},
+    "fixed_order": {"help": "sim: each worker visits its shard in the same order every pass "
+                            "(dist-keras' order) instead of reshuffling it each pass"},
 }
 
 # fields that take a list of values: repeated flags, parsed by _job_from_args
-_REPEATED = {"params", "crashes"}
+_REPEATED = {"params", "crashes", "model_args", "data_args"}
 
 
 def _flag_meta(cls: type, f: Any) -> dict[str, Any]:
@@ -199,7 +208,11 @@ def _job_from_args(args: argparse.Namespace) -> Any:
     values = {f.name: getattr(args, f.name) for f in fields(Job)
               if f.name not in _REPEATED and _flag_meta(Job, f)}
     values.update({name: getattr(args, name) for name in ENGINE_FIELDS})
+    from distgrad.entry import parse_kwargs
+
     return Job(**{**values, "params": params, "window": window,
+                  "model_args": parse_kwargs(args.model_args, "--model-arg"),
+                  "data_args": parse_kwargs(args.data_args, "--data-arg"),
                   "timing": Timing(**timing_values)})
 
 
@@ -214,10 +227,64 @@ _RUN_MODE_DESTS = {"resume", "replay", "out", "overwrite", "quiet", "func", "com
                    "defaults", "flags"}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from distgrad.job import train
+class _ProgressBar:
+    """The training progress bar (tqdm on stderr), created at the first sample so that
+    nothing is drawn before the arguments, ``--out`` and the job are checked. Its total
+    follows the run's (reassigned work); ``phase`` names what follows training."""
 
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="sample", unit_scale=True,
+                            dynamic_ncols=True, mininterval=1.0, desc=self.label,
+                            file=sys.stderr)
+        if self.bar.total != max(total, done):
+            self.bar.total = max(total, done)
+        self.bar.update(done - self.bar.n)
+
+    def phase(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(f"{self.label}: {name}", refresh=True)
+        else:
+            sys.stderr.write(f"{self.label}: {name}\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # leaves the cursor on a fresh line
+            self.bar = None
+
+
+def _resume_command(out: Path, serve: list[str] | None = None) -> str:
+    """``distgrad train --resume OUT`` as it can be run from this shell: the bare name only
+    where ``distgrad`` on the PATH is this very program, else its full path, else
+    ``python -m distgrad`` with this interpreter. ``serve``: the run is a ``distgrad
+    serve`` run, resumed by ``serve --resume OUT`` with these network options."""
+    import shlex
+    import shutil
+
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "distgrad" and argv0.exists():
+        found = shutil.which("distgrad")
+        if found and Path(found).resolve() == argv0.resolve():
+            prog = "distgrad"
+        else:
+            prog = shlex.quote(str(argv0.resolve()))
+    else:
+        prog = f"{shlex.quote(sys.executable)} -m distgrad"
+    if serve is not None:
+        return " ".join([f"{prog} serve --resume {shlex.quote(str(out))}",
+                         *map(shlex.quote, serve)])
+    return f"{prog} train --resume {shlex.quote(str(out))}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     call: dict[str, Any] = {}
+    args.serve_resume = getattr(args, "serve_resume", None)  # set by cmd_serve
     if args.resume or args.replay:
         if args.resume and args.replay:
             raise ConfigError("--resume and --replay exclude each other")
@@ -227,11 +294,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             flag = args.flags.get(changed[0], "--" + changed[0].replace("_", "-"))
             raise ConfigError(f"{flag} cannot be combined with --resume/--replay: the job is "
                               "the one recorded in the run directory")
+    if args.resume and args.serve_resume is None:
+        from distgrad.rundir import read_run_config
+
+        if read_run_config(Path(args.resume)).get("engine") == "net":
+            raise ConfigError(f"{args.resume!r} is a `distgrad serve` run: resume it with "
+                              f"`distgrad serve --resume {args.resume}` and the network "
+                              "options it had (--port, --bind, --secret-file), so that its "
+                              "workers reconnect")
     if args.resume:
         out = Path(args.resume)
         call["resume"] = out
+        if getattr(args, "engine_instance", None) is not None:  # serve --resume
+            call["engine"] = args.engine_instance
         label = f"resume {out.name}"
     else:
+        if args.out:  # before anything slow starts (the job's imports, data, processes)
+            from distgrad.rundir import prepare_out
+
+            prepare_out(args.out, args.overwrite)
         if args.replay:
             call["replay"] = args.replay
             label = f"replay {Path(args.replay).name}"
@@ -245,34 +326,72 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / (
             f"{label.replace(' ', '-').replace('=', '')}-{time.strftime('%Y%m%d-%H%M%S')}")
         call.update(out=out, overwrite=args.overwrite)
-    bar = None
-    progress = None
-    if not args.quiet:
-        from tqdm import tqdm
+    from distgrad.job import train
+    from distgrad.run import RunFailed
 
-        bar = tqdm(total=None, unit="sample", unit_scale=True, dynamic_ncols=True,
-                   mininterval=1.0, desc=label, file=sys.stderr)
+    if not getattr(args, "engine_instance", None):  # serve configured its own logging
+        _configure_logging("warning" if args.quiet else "info", fmt="distgrad: %(message)s")
+    bar = None if args.quiet else _ProgressBar(label)
+    import signal
+    import threading
 
-        def progress(done: int, total: int) -> None:
-            if bar.total is None:
-                bar.total = total
-            bar.update(done - bar.n)
-
+    # SIGTERM (SLURM, Kubernetes) acts as Ctrl-C does, from the start on
+    term = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if term:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        result = train(progress=progress, **call)
+        result = train(progress=bar, **call)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        hint = (f"; continue with: distgrad train --resume {out}"
-                if (out / "checkpoint.pt").exists() else "")
+        if (out / "checkpoint.pt").exists():
+            hint = f"; continue with:\n  {_resume_command(out, args.serve_resume)}"
+        else:
+            hint = " (no checkpoint was written: nothing to resume; run it again)"
         sys.stderr.write(f"interrupted; partial run written to {out}{hint}\n")
         return 130
-    if bar is not None:
-        bar.close()
+    except RunFailed as exc:
+        if bar is not None:
+            bar.close()
+        sys.stderr.write(f"distgrad: error: the run failed: {exc}\n")
+        cause = exc.__cause__  # an unexpected error: its traceback; ours explain themselves
+        if cause is not None and type(cause).__name__ not in ("WorkerFailed", "EventLogError"):
+            import traceback
+
+            traceback.print_exception(cause, file=sys.stderr)
+        if (out / "summary.json").exists():
+            sys.stderr.write(f"summary: {out / 'summary.json'} (status: failed)\n")
+        if (out / "checkpoint.pt").exists():
+            sys.stderr.write(f"once the cause is fixed, continue from the last checkpoint "
+                             f"with:\n  {_resume_command(out, args.serve_resume)}\n")
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+        if term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     s = result.summary
+    faults = [e for e in result.events if e["type"] == "fault"]
+    if faults:
+        from distgrad.metrics.events import describe_fault
+
+        print(f"{len(faults)} fault{'s' if len(faults) > 1 else ''}, "
+              f"{s['samples_lost']:,} samples lost:")
+        for f in faults:
+            print(f"  {describe_fault(f)}")
+    failed_ckpts = [e for e in result.events if e["type"] == "checkpoint_failed"]
+    if failed_ckpts:
+        print(f"{len(failed_ckpts)} checkpoint(s) could not be written: "
+              f"{failed_ckpts[-1].get('error')}")
     acc = s["test_accuracy"]
     print(f"test accuracy {acc:.4f}  test loss {s['test_loss'] or float('nan'):.4f}  "
           f"train accuracy {s['train_accuracy']:.4f}" if acc is not None else "test accuracy n/a")
+    extra = [f"{k.replace('_', ' ')} {s[k]:.4g}" for k in (
+        "test_perplexity", "test_mse", "test_r2", "train_mse", "train_r2")
+        if s.get(k) is not None]
+    if extra or s.get("test_note"):
+        print("  ".join(extra) + (f"  ({s['test_note']})" if s.get("test_note") else ""))
     virtual = f", {s['virtual_seconds']:.1f} s virtual" if s.get("virtual_seconds") else ""
     print(f"{s['samples']} samples, {s['commits']} commits, mean staleness "
           f"{s['staleness_mean']:.2f}, {s['wall_seconds']:.1f} s wall{virtual}")
@@ -298,6 +417,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         runs.append((d, read_events(events_path), summary))
     (da, ea, sa), (db, eb, sb) = runs
+    clocks = ["virtual" if s.get("engine") == "sim" else "wall" if s.get("engine") else "?"
+              for s in (sa, sb)]
+    if clocks[0] != clocks[1]:
+        if not args.mixed_clocks:
+            raise ConfigError(
+                f"A ran on {sa.get('engine', '?')!r} ({clocks[0]} seconds), B on "
+                f"{sb.get('engine', '?')!r} ({clocks[1]} seconds): a temporal efficiency "
+                f"over two different clocks means nothing; compare runs of the same kind "
+                f"(or pass --mixed-clocks)")
+        sys.stderr.write(f"warning: A's time is {clocks[0]} seconds, B's {clocks[1]} "
+                         f"seconds: E(A,B) mixes two clocks\n")
     ca, cb = center_curve(ea), center_curve(eb)
     if len(ca[0]) < 2 or len(cb[0]) < 2:
         raise ConfigError("each run needs at least two evaluations of the center")
@@ -347,21 +477,54 @@ def _read_secret(args: argparse.Namespace, create: bool) -> bytes:
     raise ConfigError(f"no shared secret: pass --secret-file PATH or set ${SECRET_ENV}")
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str,
+                       fmt: str = "%(asctime)s %(name)s %(levelname)s: %(message)s") -> None:
+    """distgrad's log records at ``level`` and above (others' warnings too) on stderr, each
+    on a clean line above a progress bar (``tqdm.write``); configuring again replaces it."""
     import logging
 
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    class _TqdmHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(self.format(record), file=sys.stderr)
+            except Exception:
+                self.handleError(record)
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "distgrad_cli", False):
+            root.removeHandler(h)
+    handler = _TqdmHandler()
+    handler.distgrad_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    logging.getLogger("distgrad").setLevel(getattr(logging, level.upper()))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from distgrad.engines.net import NetEngine
 
-    _configure_logging(args.log_level)
-    args.engine = "net"
+    # -q: warnings and errors only (a worker joining or leaving is INFO)
+    _configure_logging("warning" if args.quiet else args.log_level)
+    if not args.resume:  # (a resumed run's job, engine included, is the recorded one)
+        args.engine = "net"
     secret = _read_secret(args, create=True)
 
+    def resume_args(port: str) -> list[str]:
+        """The network options of ``serve --resume``: the same port (the workers reconnect
+        there), secret and timeouts (the secret itself is never printed)."""
+        return [*(["--bind", opts.bind] if opts.bind != "127.0.0.1" else []), "--port", port,
+                *(["--advertise", opts.advertise] if opts.advertise else []),
+                *(["--secret-file", args.secret_file] if args.secret_file else []),
+                *(["--protection", opts.protection] if opts.protection != "encrypt" else []),
+                "--worker-timeout", f"{opts.worker_timeout:g}",
+                *(["--rejoin-timeout", f"{opts.rejoin_timeout:g}"]
+                  if opts.rejoin_timeout is not None else [])]
+
     def announce(address: str) -> None:
+        args.serve_resume = resume_args(address.rpartition(":")[2])  # the port bound
         print(f"distgrad server listening on {address}", flush=True)
         print(f"start workers with: distgrad work --connect {address} "
               f"{'--secret-file ' + args.secret_file if args.secret_file else ''}".rstrip(),
@@ -372,10 +535,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tmp.replace(args.address_file)
 
     opts = _engine_options_from_args(args, "net")
-    args.engine_instance = NetEngine(
+    args.serve_resume = resume_args(str(opts.port))
+    engine: Any = NetEngine
+    extra: dict[str, Any] = {}
+    if opts.shards > 1:  # DistBelief-style: one server per slice of the center
+        if args.resume or args.checkpoint_every:
+            raise ConfigError(f"--shards {opts.shards} cannot checkpoint or resume; use "
+                              "--shards 1 with --checkpoint-every/--resume")
+        from distgrad.transport.sharded import ShardedNetEngine
+
+        engine, extra = ShardedNetEngine, {"shards": opts.shards}
+    args.engine_instance = engine(
         secret, bind=opts.bind, port=opts.port, advertise=opts.advertise,
-        integrity=opts.integrity, worker_timeout=opts.worker_timeout,
-        rejoin_timeout=opts.rejoin_timeout, on_listen=announce)
+        protection=opts.protection, worker_timeout=opts.worker_timeout,
+        rejoin_timeout=opts.rejoin_timeout, on_listen=announce, **extra)
     return cmd_train(args)
 
 
@@ -391,7 +564,8 @@ def cmd_work(args: argparse.Namespace) -> int:
     if args.worker is not None and args.worker < 0:
         raise ConfigError(f"--worker must be >= 0, got {args.worker}")
     return work(args.connect, secret, processes=args.processes, worker=args.worker,
-                threads=args.threads or 1, timeout=args.timeout, device=args.device)
+                threads=args.threads or 1, timeout=args.timeout, device=args.device,
+                protection=args.protection)
 
 
 def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> None:
@@ -447,6 +621,10 @@ def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> Non
     p.add_argument("--threads", type=int, default=1, metavar="T",
                    help="torch threads per worker process (default 1)")
     p.add_argument("--device", default="cpu", help="torch device of the replica (default cpu)")
+    p.add_argument("--protection", default="encrypt",
+                   choices=("encrypt", "integrity", "header"),
+                   help="the protection the server must use, as its --protection (default "
+                        "encrypt); a mismatch is refused with both names")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SEC",
                    help="resend a request the server has not answered after SEC seconds; "
                         "give up after 3 resends (default 60)")
@@ -472,6 +650,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for name in reproduce.names():
             print(f"{name:<{width}}  {reproduce.get_experiment(name).shows}")
         return 0
+    if args.measure_costs:
+        from distgrad.reproduce.costs import describe, measure_costs, write_profile
+
+        profile = measure_costs(engine=args.cost_engine)
+        path = write_profile(args.measure_costs, profile)
+        print(describe(profile))
+        print(f"cost profile: {path} (use: distgrad train --engine sim --cost-profile "
+              f"{path})")
+        if not args.name:
+            return 0
     if not args.name:
         raise ConfigError("name an experiment (see `distgrad reproduce --list`) or `all`")
     choose("scale", args.scale, SCALES)
@@ -497,6 +685,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                           *(["--full", ",".join(full)] if full else []),
                           "--engine", args.engine, "--out", str(base),
                           *(["--threads", str(args.threads)] if args.threads else []),
+                          *(["--archive", args.archive] if args.archive else []),
+                          *(["--available-only"] if args.available_only else []),
+                          *(["--reuse-stale"] if args.reuse_stale else []),
                           *(["--page", args.page] if args.page else []),
                           *(["--discussion", args.discussion] if args.discussion else [])])
     outcomes = []
@@ -505,7 +696,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         out = base if single else base / (name if scale == args.scale else f"{name}-{scale}")
         outcomes.append(reproduce.run_experiment(name, scale=scale, out=out,
                                                  engine=args.engine, runs_dir=runs_dir,
-                                                 command=command))
+                                                 command=command,
+                                                 reuse_stale=args.reuse_stale,
+                                                 archive=args.archive,
+                                                 available_only=args.available_only))
     for o in outcomes:
         for claim, v in o.verdicts:
             print(f"{o.experiment.name:<22} {claim.id:<12} {v.label:<14} {v.ours}")
@@ -516,8 +710,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.page:
         from distgrad.reproduce.page import write_page
 
+        compare = None
+        if args.compare_scale:
+            choose("compare scale", args.compare_scale, SCALES)
+            cbase = Path(args.compare_out or Path("runs") / f"reproduce-{args.compare_scale}")
+            compare = [reproduce.run_experiment(name, scale=args.compare_scale,
+                                                out=cbase / name, engine=args.engine,
+                                                runs_dir=cbase / "runs", archive=args.archive,
+                                                available_only=True,
+                                                reuse_stale=args.reuse_stale)
+                       for name in names]
         page = write_page(outcomes, Path(args.page), command=command, scale=args.scale,
-                          discussion=Path(args.discussion) if args.discussion else None)
+                          discussion_file=Path(args.discussion) if args.discussion else None,
+                          compare=compare)
         print(f"page: {page}")
     return 0
 
@@ -553,7 +758,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR",
                    help="run directory (default runs/ALGO-nN-TIMESTAMP)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar; only warnings (faults, failed checkpoints) and errors "
+                        "on stderr")
 
 
 def _record_defaults(p: argparse.ArgumentParser) -> None:
@@ -589,6 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="DIR_B")
     p.add_argument("--te-window", type=float, default=5.0, metavar="SEC",
                    help="window of the notebook variant (thesis: 5 s, stride 1 s = window/5)")
+    p.add_argument("--mixed-clocks", action="store_true",
+                   help="compare a sim run (virtual seconds) with a run on real workers "
+                        "(wall seconds) anyway, with a warning; refused by default")
     p.set_defaults(func=cmd_compare)
 
     _add_remote_commands(sub, sub.choices["train"])
@@ -629,6 +839,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="markdown inserted into the page after the claim table")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads (default: torch's choice)")
+    p.add_argument("--measure-costs", metavar="FILE",
+                   help="measure this machine's per-commit costs (one worker step, the "
+                        "server's apply + pull per algorithm, the local engine's commit "
+                        "transfer) for the thesis MLP and write them to FILE, a cost profile "
+                        "for `distgrad train --engine sim --cost-profile FILE` (about 20 s)")
+    p.add_argument("--cost-engine", default="local", choices=("local", "distkeras"),
+                   help="with --measure-costs: local (shared memory, distgrad's local "
+                        "engine) or distkeras (the thesis' transport modelled from measured "
+                        "parts: pickled weights over TCP, a GIL-serialized server) "
+                        "(default local)")
+    p.add_argument("--compare-scale", metavar="SCALE",
+                   help="with --page: also show each claim's verdict at SCALE, from the "
+                        "finished runs in --compare-out (nothing is trained for it), and list "
+                        "the verdicts that changed")
+    p.add_argument("--compare-out", metavar="DIR",
+                   help="the --out of the SCALE runs (default runs/reproduce-SCALE)")
+    p.add_argument("--archive", metavar="DIR",
+                   help="compact copies of finished runs (summaries and gzipped, rounded "
+                        "events; small enough to commit): runs missing from DIR/runs are read "
+                        "from here, and every run finished is copied here")
+    p.add_argument("--available-only", action="store_true",
+                   help="train nothing: report on the finished runs (in the runs directory "
+                        "or --archive); claims that need an unfinished run are 'not tested'")
+    p.add_argument("--reuse-stale", action="store_true",
+                   help="reuse finished runs made by code whose result-affecting source "
+                        "differs from this code's (the report marks them stale); default: "
+                        "run them again")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -6,9 +6,11 @@ message (the bytes a network transport sends) and overwrites the payload with
 exactly the values the server will decode from it (:func:`decode` of the message
 gives the same values bit for bit). Every engine applies that decoded payload, so
 the effect of a codec on training and its byte count (``Encoded.nbytes``, in the
-events and ``summary.json``) are exact on all of them; the engines themselves still
-move the decoded float32 values (no engine sends ``Encoded`` on its wire yet). The
-algorithm and the server rule never know a commit was compressed.
+events and ``summary.json``) are exact on all of them. The ``net`` engine puts the
+encoded bytes themselves on the wire (:func:`to_bytes`; the server decodes them with
+:func:`decode_bytes`) and records the message's size on the wire; the in-process
+engines move the decoded float32 values. The algorithm and the server rule never know
+a commit was compressed.
 
 Codecs (``P`` = parameters, ``T`` = parameter tensors of the model):
 
@@ -37,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from distgrad.errors import choose
@@ -101,6 +104,39 @@ def encode(codec: str, x: torch.Tensor, sizes: Sequence[int]) -> Encoded:
         q[offset:offset + n] = torch.round(seg / scale).clamp_(-127, 127).to(torch.int8)
         offset += n
     return Encoded(codec, q, scales, sizes)
+
+
+def to_bytes(enc: Encoded) -> list[memoryview]:
+    """The wire bytes of ``enc`` (no copy): its values, then for int8 its float32 scales —
+    ``payload_bytes(codec, ...)`` bytes in all."""
+    data = enc.data.detach().cpu().contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    views = [memoryview(data.numpy()).cast("B")]
+    if enc.scales is not None:
+        views.append(memoryview(enc.scales.detach().cpu().contiguous().numpy()).cast("B"))
+    return views
+
+
+def decode_bytes(codec: str, raw: Any, sizes: Sequence[int]) -> torch.Tensor:
+    """A fresh float32 tensor of the values the wire bytes ``raw`` of ``codec`` stand for
+    (the inverse of :func:`to_bytes`); ``sizes``: the parameter tensors' element counts."""
+    choose("compression", codec, CODECS[1:])
+    sizes = tuple(int(s) for s in sizes)
+    n = sum(sizes)
+    view = memoryview(raw).cast("B")
+    if len(view) != payload_bytes(codec, n, len(sizes)):
+        raise ValueError(f"{len(view)} bytes of {codec}, expected "
+                         f"{payload_bytes(codec, n, len(sizes))}")
+    out = torch.empty(n, dtype=torch.float32)
+    if codec == "fp32":
+        return out.copy_(torch.from_numpy(np.frombuffer(view, dtype="<f4")))
+    if codec in ("fp16", "bf16"):
+        half = torch.from_numpy(np.frombuffer(view, dtype="<i2").copy())
+        return out.copy_(half.view(torch.float16 if codec == "fp16" else torch.bfloat16))
+    q = torch.from_numpy(np.frombuffer(view[:n], dtype=np.int8).copy())
+    scales = torch.from_numpy(np.frombuffer(view[n:], dtype="<f4").copy())
+    return decode(Encoded(codec, q, scales, sizes), out)
 
 
 def decode(enc: Encoded, out: torch.Tensor) -> torch.Tensor:

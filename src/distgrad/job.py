@@ -27,6 +27,7 @@ from distgrad.parts import (
     RunParts,
     _as_tensors,  # noqa: F401
     build_parts,
+    check_same_identity,
     worker_seed,
 )
 from distgrad.replica import LossFn
@@ -36,7 +37,7 @@ from distgrad.run import load_replay as _load_replay  # noqa: F401
 from distgrad.run import load_resume as _load_resume  # noqa: F401
 from distgrad.run import model_with as _model_with  # noqa: F401
 from distgrad.run import summarize as _summarize  # noqa: F401
-from distgrad.rundir import CHECKPOINT, prepare_out
+from distgrad.rundir import CHECKPOINT, prepare_out, read_run_config
 from distgrad.rundir import prepare_out as _prepare_out  # noqa: F401
 from distgrad.rundir import read_run_config as _read_run_config  # noqa: F401
 from distgrad.rundir import truncate_lines as _truncate_lines  # noqa: F401
@@ -58,7 +59,7 @@ def train(
     loss_fn: LossFn | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | bool | None = None,
     replay: str | Path | None = None,
     resume: str | Path | None = None,
     engine: str | Any = None,
@@ -72,21 +73,30 @@ def train(
 
         distgrad.train(algorithm="adag", workers=8, window=10, epochs=3, seed=1)
 
-    ``model`` (a name, or any ``nn.Module``, used with its initial weights),
-    ``data``/``test_data`` (``(X, y)`` tensors or a torch ``Dataset``) and
-    ``loss_fn`` (default cross-entropy) replace the named model and dataset.
-    ``out`` is the run directory to write. ``progress`` is called as
-    ``progress(samples_done, samples_total)``. ``engine`` is an engine name or an
-    engine instance configured beyond the job (e.g. ``RayEngine(address="auto")``);
-    by default the job's ``engine`` name is built from ``options``, the engine's
-    options dataclass (:mod:`distgrad.engines.options`, e.g.
+    ``model`` (a name, an import path ``"pkg.module:factory"``, or any ``nn.Module``,
+    used with its initial weights), ``data``/``test_data`` (``(X, y)`` tensors or arrays,
+    a torch ``Dataset`` or ``DataLoader``; ``test_data`` is optional) and ``loss_fn``
+    (default: cross-entropy for integer labels, MSE for float targets) replace the
+    named model and dataset. Objects passed here stay in this process (``sim``) or are
+    pickled to ``local`` worker processes, Ray and Spark; ``net`` workers and other hosts
+    rebuild the model and data from import paths only (``model="pkg.module:factory"``,
+    ``dataset="pkg.module:factory"``, with ``model_args``/``data_args``). The inputs are
+    checked before training (a ConfigError names the problem).
+    ``out`` is the run directory to write. ``progress`` is ``True`` (a tqdm bar on
+    stderr) or called as ``progress(samples_done, samples_total)``. ``engine`` is an
+    engine name or an engine instance configured beyond the job (e.g.
+    ``RayEngine(address="auto")``); by default the job's ``engine`` name is built from
+    ``options``, the engine's options dataclass (:mod:`distgrad.engines.options`, e.g.
     ``RayOptions(address="auto")``; default: its defaults). ``figures=False`` writes
     no plots into ``out``.
 
     ``replay=DIR`` runs the job recorded in DIR on the ``local`` engine, applying
     initial pulls and commits in the recorded order (and with the recorded torch
     thread count), which reproduces the recorded parameters bit for bit.
-    ``resume=DIR`` continues the ``local`` run in DIR from its last checkpoint.
+    ``resume=DIR`` continues the ``local`` run in DIR from its last checkpoint. Both
+    refuse another model or other data than the run recorded (its ``config.json`` holds
+    the model's class and parameter count and the data's fingerprint); a run trained on
+    objects (``model=``, ``data=``) needs the same objects passed again.
     """
     if isinstance(model, str):
         job_fields["model"] = model
@@ -100,8 +110,13 @@ def train(
     if isinstance(options, LocalOptions | SimOptions):
         job = job.with_options(options)  # local/sim settings are still job fields
         options = None
-    out_dir = prepare_out(out, overwrite)
     parts = build_parts(job, model=model, data=data, test_data=test_data, loss_fn=loss_fn)
+    job = parts.job  # with the engine settings build_parts chose (sim: threads)
+    recorded_dir = resume if resume is not None else replay
+    if recorded_dir is not None:
+        check_same_identity(read_run_config(Path(recorded_dir)), parts.identity,
+                            str(recorded_dir))
+    out_dir = prepare_out(out, overwrite)
     if engine is None:
         engine = make_engine(job, options=options, replay=schedule, resume=snapshot,
                              checkpoint_path=(out_dir / CHECKPOINT
@@ -112,11 +127,47 @@ def train(
                           f"match job.engine={job.engine!r}")
     elif options is not None:
         raise ConfigError("pass either an engine instance or options, not both")
-    run = Run.prepare(parts, out=out_dir, progress=progress, snapshot=snapshot,
-                      replay_of=replay)
-    outcome = run.execute(engine)
-    extra = {"model": type(model).__name__} if model is not None else None
-    return run.finalize(outcome, extra=extra, figures=figures)
+    bar = None
+    if progress is True:
+        progress, bar = progress_bar(f"{job.algorithm} n={job.workers}")
+    elif progress is False:
+        progress = None
+    try:
+        run = Run.prepare(parts, out=out_dir, progress=progress, snapshot=snapshot,
+                          replay_of=replay, epoch_samples=parts.epoch_samples())
+        outcome = run.execute(engine)
+        extra = {"model": type(model).__name__} if model is not None else {}
+        train_metrics = None
+        if parts.streams is not None:  # the training data is nowhere in one piece
+            extra["train_note"] = ("per-worker streams: train_loss is the mean of the "
+                                   "workers' last mini-batch losses")
+
+            def train_metrics(_: nn.Module) -> dict[str, float | None]:
+                last = [s.loss for s in run.recorder.last_batch.values()]
+                return {"acc": None, "loss": sum(last) / len(last) if last else None}
+
+        return run.finalize(outcome, extra=extra, figures=figures,
+                            train_metrics=train_metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def progress_bar(label: str) -> tuple[Callable[[int, int], None], Any]:
+    """A tqdm bar on stderr and the ``progress(done, total)`` callback that moves it."""
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="sample", unit_scale=True, dynamic_ncols=True,
+               mininterval=1.0, desc=label, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar.total is None:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return progress, bar
 
 
 def known_models() -> list[str]:

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from distgrad.optim import load_optimizer_state, make_inner_optimizer, optimizer_state
+from distgrad.errors import ConfigError
+from distgrad.optim import (
+    INNER_OPTIMIZERS,
+    load_optimizer_state,
+    make_inner_optimizer,
+    optimizer_state,
+)
 from distgrad.stats import StepStats
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,6 +59,86 @@ def is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
     return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
 
 
+def count_correct(out: torch.Tensor, y: torch.Tensor) -> int:
+    """Correct predictions in a batch: per sample for a classifier, per token (averaged
+    over the sequence, so the count stays per sample) for a language model; 0 otherwise."""
+    if is_classification(out, y):
+        return int((out.argmax(dim=1) == y).sum())
+    if not y.is_floating_point() and y.dim() >= 2 and out.dim() == y.dim() + 1:
+        per_token = (out.argmax(dim=-1) == y).float().mean()
+        return round(float(per_token) * y.shape[0])
+    return 0
+
+
+StepFn = Callable[..., Any]
+"""A custom step: ``step(model, x, y)`` returns the loss, or ``(loss, metrics)`` where
+``metrics`` may hold ``"correct"`` (correct predictions in the batch)."""
+
+
+def _custom_step(step_fn: StepFn, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[torch.Tensor, int]:
+    result = step_fn(module, x, y)
+    loss, metrics = (result if isinstance(result, tuple) else (result, {}))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"the step function must return a scalar loss tensor (or (loss, "
+                        f"metrics)), got {type(loss).__name__}")
+    return loss, int(dict(metrics or {}).get("correct", 0))
+
+
+def autocast_supported(device: torch.device) -> bool:
+    """bf16 autocast works on the CPU and on CUDA devices that support bf16."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def build_optimizer(name: str, params: list[torch.Tensor], lr: float,
+                    options: dict[str, Any]) -> torch.optim.Optimizer:
+    """The inner optimizer: ``sgd``/``adam`` (the thesis' two, with their option names),
+    any ``torch.optim`` class by name (``AdamW``, ``RMSprop``, ...; ``options`` are its
+    keyword arguments) or a factory's import path, called as ``factory(params, lr=lr,
+    **options)``."""
+    from distgrad.entry import is_path, resolve
+
+    if name in INNER_OPTIMIZERS:
+        return make_inner_optimizer(name, params, lr, **options)
+    if is_path(name):
+        factory = resolve(name, "optimizer")
+        return factory(params, lr=lr, **options)  # type: ignore[no-any-return]
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"unknown inner optimizer {name!r}; choose from: "
+                          f"{', '.join(INNER_OPTIMIZERS)}, a torch.optim class (e.g. AdamW, "
+                          f"RMSprop) or a factory's import path 'pkg.module:factory'")
+    try:
+        return cls(params, lr=lr, **options)
+    except TypeError as exc:
+        raise ConfigError(f"inner optimizer {name}: {exc}") from None
+
+
+def check_optimizer(name: str) -> None:
+    """Raise a ConfigError unless :func:`build_optimizer` knows ``name`` (no import)."""
+    from distgrad.entry import is_path
+
+    if name in INNER_OPTIMIZERS or is_path(name):
+        return
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"unknown inner optimizer {name!r}; choose from: "
+                          f"{', '.join(INNER_OPTIMIZERS)}, a torch.optim class (e.g. AdamW, "
+                          f"RMSprop) or a factory's import path 'pkg.module:factory'")
+
+
+def build_scheduler(path: str | None, optimizer: torch.optim.Optimizer) -> Any:
+    """The LR scheduler ``factory(optimizer)`` at import path ``path`` (stepped after every
+    local step), or None."""
+    if path is None:
+        return None
+    from distgrad.entry import resolve
+
+    return resolve(path, "lr scheduler")(optimizer)
+
+
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
@@ -80,6 +166,10 @@ class Replica:
         inner_options: dict[str, float] | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        *,
+        step_fn: StepFn | None = None,
+        scheduler: str | None = None,
+        autocast: bool = False,
     ) -> None:
         self.worker = worker
         self.seed = seed
@@ -94,9 +184,33 @@ class Replica:
         self.payload = torch.empty_like(self.params)
         self.buffers: dict[str, torch.Tensor] = {}
         self.lr = lr
-        self.optimizer = make_inner_optimizer(
-            inner_optimizer, self._views, lr, **dict(inner_options or {})
-        )
+        self.optimizer = build_optimizer(inner_optimizer, self._views, lr,
+                                         dict(inner_options or {}))
+        self.scheduler = build_scheduler(scheduler, self.optimizer)
+        self.step_fn = step_fn
+        self.autocast = autocast and autocast_supported(self.device)
+
+    @classmethod
+    def wrap(cls, worker: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+             seed: int = 0) -> Replica:
+        """A replica over the user's own ``module`` and ``optimizer`` (no copy): the
+        module's parameters become views of the flat buffer in place, so the optimizer,
+        which holds the same ``Parameter`` objects, keeps working (:mod:`distgrad.loop`)."""
+        rep = cls.__new__(cls)
+        rep.worker, rep.seed = worker, seed
+        rep.params = flatten_parameters(module)
+        rep.device = rep.params.device
+        rep.module = module
+        rep.loss_fn = lambda out, y: torch.zeros(())  # the user's loop computes its loss
+        rep._views = [p for p in module.parameters() if p.requires_grad]
+        rep._grad = torch.zeros_like(rep.params)
+        rep.base = torch.empty_like(rep.params)
+        rep.payload = torch.empty_like(rep.params)
+        rep.buffers = {}
+        rep.lr = float(optimizer.param_groups[0]["lr"])
+        rep.optimizer = optimizer
+        rep.scheduler, rep.step_fn, rep.autocast = None, None, False
+        return rep
 
     @property
     def sizes(self) -> list[int]:
@@ -107,17 +221,25 @@ class Replica:
         """Forward and backward on one batch; gradients land in the parameters' ``.grad``."""
         for p in self._views:
             p.grad = None
-        out = self.module(x)
-        loss = self.loss_fn(out, y)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.step_fn is not None:
+                loss, correct = _custom_step(self.step_fn, self.module, x, y)
+            else:
+                out = self.module(x)
+                loss = self.loss_fn(out, y)
+                correct = None
         loss.backward()
-        with torch.no_grad():
-            correct = int((out.argmax(dim=1) == y).sum()) if is_classification(out, y) else 0
+        if correct is None:
+            with torch.no_grad():
+                correct = count_correct(out, y)
         return StepStats(loss=float(loss.detach()), correct=correct, samples=int(y.shape[0]))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        """One step of the inner optimizer on one batch."""
+        """One step of the inner optimizer (and of its LR scheduler, if any) on one batch."""
         stats = self.gradient(x, y)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return stats
 
     @property
@@ -153,6 +275,7 @@ class Replica:
             "buffers": {k: _cpu_copy(v) for k, v in self.buffers.items()},
             "module_buffers": {k: _cpu_copy(v) for k, v in self.module.named_buffers()},
             "optimizer": optimizer_state(self.optimizer, cpu),
+            **({} if self.scheduler is None else {"scheduler": self.scheduler.state_dict()}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -184,3 +307,5 @@ class Replica:
         for name, value in state["module_buffers"].items():
             own[name].copy_(value)
         load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])

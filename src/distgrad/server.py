@@ -43,7 +43,8 @@ commit landing during that sweep is seen in the elements not yet read (see
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,28 @@ import torch
 
 from distgrad.algorithms.base import CommitContext, ServerRule
 from distgrad.fast import distance as fast_distance
+
+
+class Refused(ValueError):
+    """A commit the server cannot apply; raised before anything changed (or after all of
+    it was put back). :class:`~distgrad.protocol.core.ProtocolCore` turns it into a
+    rejection with this message as the reason."""
+
+
+class NonFinite(Refused):
+    """Applying a commit (or a synchronous round) would have made the center non-finite.
+
+    Raised by :class:`ParameterServer` *after* it put everything back: the center, the
+    rule's state and the clocks are bit-identical to before the call."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff no element is NaN or ±Inf. A finite float32 sum proves it (NaN and Inf
+    propagate through a sum) at the cost of one pass; only a non-finite sum, which may be
+    an overflow of finite values, pays for the exact element-wise check."""
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,9 @@ class RoundRecord:
     steps: int
     samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: why the round was not applied (its result would have made the center non-finite);
+    #: the center and the rule's state are as before the round, the clock moved on
+    rejected: str = ""
 
 
 class ParameterServer:
@@ -92,6 +118,14 @@ class ParameterServer:
     or sent by the worker. ``keep_stale=False`` is for engines whose workers'
     pull buffers the server can read (shared memory): they pass that buffer to
     :meth:`commit` as ``stale_center`` instead.
+
+    ``guard`` (default on): a commit or round whose application would make the center
+    (or any model of :meth:`models`) non-finite is undone — the center and the rule's
+    state restored bit for bit — and refused with :class:`NonFinite`. It costs one copy of
+    the center and one summing pass per commit (about 1.5 ms for the thesis MLP's 4.8 M
+    parameters on one core), plus a :meth:`ServerRule.state_dict` snapshot for rules that
+    keep state. Lock-free commits the workers apply themselves
+    (:meth:`record_unlocked_commit`) are not guarded.
     """
 
     def __init__(
@@ -101,6 +135,7 @@ class ParameterServer:
         workers: int,
         track_distance: bool = True,
         keep_stale: bool | None = None,
+        guard: bool = True,
     ) -> None:
         if center.dtype != torch.float32 or center.dim() != 1 or not center.is_contiguous():
             raise ValueError("the center must be a contiguous 1-D float32 tensor")
@@ -125,6 +160,49 @@ class ParameterServer:
         self.clock_bound = rule.clock_bound
         self._held: set[int] = set()
         rule.setup(center, workers)
+        self.guard = guard
+        #: the center before the commit being applied (the guard's undo copy)
+        self._backup = torch.empty_like(center) if guard else None
+        #: the rule keeps state a refused commit must not change (read once, after setup)
+        self._stateful = bool(rule.state_dict())
+
+    # ------------------------------------------------------------------ the guard
+    def _guarded(self, apply: Callable[[], dict[str, float]], what: str) -> dict[str, float]:
+        """Run ``apply`` (which changes the center in place) as a transaction: if a model
+        is non-finite afterwards, put the center and the rule's state back and raise
+        :class:`NonFinite`. Without the guard, just ``apply()``."""
+        if not self.guard or self._backup is None:
+            return apply()
+        self._backup.copy_(self.center)
+        # a rule's state_dict is a snapshot (copies), as checkpoints need it to be
+        state = self.rule.state_dict() if self._stateful else None
+        try:
+            metrics = apply()
+            others = [m for m in self.rule.models(self.center) if m is not self.center]
+            bad = 0 if all(all_finite(m) for m in (self.center, *others)) else sum(
+                int((~torch.isfinite(m)).sum()) for m in (self.center, *others))
+        except BaseException:
+            self._restore(state)
+            raise
+        if bad:
+            self._restore(state)
+            raise NonFinite(f"{what} would make {bad} element(s) of the center non-finite "
+                            "(NaN/Inf); not applied, the center is unchanged")
+        return metrics
+
+    def _restore(self, state: dict[str, Any] | None) -> None:
+        assert self._backup is not None
+        self.center.copy_(self._backup)
+        if state is not None:
+            self.rule.load_state_dict(state)
+
+    def in_round(self, worker: int) -> bool:
+        """Has ``worker`` already committed to the open synchronous round?"""
+        return any(c.worker == worker for c in self._round)
+
+    def has_stale(self, worker: int) -> bool:
+        """Does the server keep a stale center θ̃_{t−τ} for ``worker`` (it has pulled)?"""
+        return self._stale[worker] is not None
 
     def stale_from_engine(self) -> None:
         """The engine will pass each commit the committing worker's pull buffer as
@@ -168,12 +246,13 @@ class ParameterServer:
         rule = self.rule
         if rule.synchronous:
             raise RuntimeError("commit() on a synchronous rule; use submit()")
-        if rule.exchange:
-            self.base_version[worker] = self.version
-        base = self.base_version[worker]
+        base = self.version if rule.exchange else self.base_version[worker]
         stale = stale_center if stale_center is not None else self._stale[worker]
         if not (self.track_distance or rule.needs_stale_center):
             stale = None
+        if stale is None and rule.needs_stale_center:
+            raise Refused(f"{type(rule).__name__} needs the center worker {worker} pulled, "
+                          "but it has not pulled and sent none (a commit before any pull)")
         ctx = CommitContext(
             worker=worker,
             version=self.version,
@@ -188,7 +267,8 @@ class ParameterServer:
             distance = 0.0
         elif stale is not None and self.track_distance and not rule.computes_distance:
             distance = fast_distance(self.center, stale)
-        metrics = rule.apply(self.center, payload, ctx)
+        metrics = self._guarded(lambda: rule.apply(self.center, payload, ctx),
+                                f"the commit of worker {worker}")
         if "distance" in metrics:
             distance = metrics.pop("distance")
         self.version += 1
@@ -253,7 +333,7 @@ class ParameterServer:
         """Add a commit to the current round; return the round once every live worker is in."""
         if not self.rule.synchronous:
             raise RuntimeError("submit() on an asynchronous rule; use commit()")
-        if any(c.worker == worker for c in self._round):
+        if self.in_round(worker):
             raise RuntimeError(f"worker {worker} committed twice in one round")
         ctx = CommitContext(worker=worker, version=self.version, base_version=self.version,
                             staleness=0, samples=samples, steps=steps)
@@ -280,14 +360,23 @@ class ParameterServer:
         submitted = {c.worker for c in self._round}
         if not self.active <= submitted:
             return None
-        metrics = self.rule.apply_round(self.center, len(self._round))
+        participants = tuple(c.worker for c in self._round)
+        rejected = ""
+        try:
+            metrics = self._guarded(
+                lambda: self.rule.apply_round(self.center, len(self._round)),
+                f"the round of workers {list(participants)}")
+        except NonFinite as exc:  # dropped; its workers go on from the unchanged center
+            metrics, rejected = {}, str(exc)
+            self.rule.discard_round()
         self.version += 1
         record = RoundRecord(
             version=self.version,
-            participants=tuple(c.worker for c in self._round),
+            participants=participants,
             steps=sum(c.steps for c in self._round),
             samples=sum(c.samples for c in self._round),
             metrics=metrics,
+            rejected=rejected,
         )
         self._round = []
         return record

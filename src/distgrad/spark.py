@@ -21,6 +21,7 @@ predictor works on streaming DataFrames too.
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distgrad.engines.spark import SparkEngine, as_feature_frame, import_pyspark
+from distgrad.engines.spark import (
+    SparkEngine,
+    as_feature_frame,
+    import_pyspark,
+    use_driver_python,
+)
 from distgrad.errors import ConfigError, positive_int
 
 
@@ -48,6 +54,7 @@ def _session() -> Any:
     if spark is None:
         raise ConfigError("no active SparkSession: create one (SparkSession.builder...) "
                           "before using the distgrad Spark API")
+    use_driver_python(spark)
     return spark
 
 
@@ -73,13 +80,16 @@ class SparkTrainer:
     ``workers`` partitions are trained as the workers of a barrier stage; the server
     runs in this driver. Other keywords are :class:`distgrad.Job` fields
     (``window``, ``epochs``, ``batch_size``, ``lr``, ``inner_optimizer``, ``params``,
-    ``seed``, ``eval_every``...). ``out`` writes a run directory like ``distgrad train``.
+    ``seed``, ``eval_every``...). ``out`` writes a run directory like ``distgrad train``
+    (``overwrite=True`` replaces an existing one); a fit that fails removes the run
+    directory it created, so the same call can simply be repeated.
     """
 
     def __init__(self, model: nn.Module, algorithm: str = "adag", workers: int = 2, *,
                  features_col: str = "features", label_col: str = "label",
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 out: str | Path | None = None, max_failures: int = 4,
+                 out: str | Path | None = None, overwrite: bool = False,
+                 max_failures: int = 4,
                  eval_rows: int = 2000, engine: SparkEngine | None = None,
                  **job_fields: Any) -> None:
         from distgrad.job import Job
@@ -89,7 +99,7 @@ class SparkTrainer:
         self.model = model
         self.features_col, self.label_col = features_col, label_col
         self.loss_fn = loss_fn or F.cross_entropy
-        self.out = out
+        self.out, self.overwrite = out, overwrite
         self.eval_rows = positive_int("eval_rows", eval_rows)
         self.job = Job(algorithm=algorithm, workers=workers, engine="spark", **job_fields)
         self.engine = engine or SparkEngine(max_failures=max_failures)
@@ -102,8 +112,6 @@ class SparkTrainer:
         used, and the summary says so.
         """
         from distgrad.data import Dataset
-        from distgrad.parts import RunParts
-        from distgrad.run import Run
         from distgrad.rundir import prepare_out
 
         spark = _session()
@@ -122,7 +130,20 @@ class SparkTrainer:
         x_val = torch.from_numpy(_features(pdf["features"]))
         y_val = torch.from_numpy(pdf["label"].to_numpy().astype(np.int64))
         dataset = Dataset("spark", x_val[:1], y_val[:1], x_val, y_val)  # (classes: labels)
-        out_dir = prepare_out(self.out, overwrite=False)
+        existed = self.out is not None and Path(self.out).exists()
+        out_dir = prepare_out(self.out, overwrite=self.overwrite)
+        try:
+            return self._fit(spark, df, rows, dataset, out_dir, evaluated_on)
+        except BaseException:
+            if out_dir is not None and not existed:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+    def _fit(self, spark: Any, df: Any, rows: int, dataset: Any, out_dir: Path | None,
+             evaluated_on: str) -> tuple[nn.Module, Any]:
+        from distgrad.parts import RunParts
+        from distgrad.run import Run
+
         parts = RunParts(job=self.job, dataset=dataset,
                          shards=[np.empty(0, np.int64)] * int(self.job.workers),  # type: ignore[arg-type]
                          template=self.model, loss_fn=self.loss_fn)
@@ -155,6 +176,7 @@ class SparkPredictor:
         self.batch_size = positive_int("batch_size", batch_size)
 
     def transform(self, df: Any) -> Any:
+        import pandas as pd
         from pyspark.ml.functions import vector_to_array
         from pyspark.ml.linalg import VectorUDT
         from pyspark.sql import functions as sf
@@ -167,27 +189,30 @@ class SparkPredictor:
         feats = sf.col(self.features_col)
         if isinstance(df.schema[self.features_col].dataType, VectorUDT):
             feats = vector_to_array(feats, dtype="float32")
-        df2 = df.withColumn(tmp, feats.cast("array<float>"))
-        fields = [*df.schema.fields, StructField(self.output_col, DoubleType())]
+        fields = [StructField("prediction", DoubleType())]
         if self.probability_col:
-            fields.append(StructField(self.probability_col, ArrayType(DoubleType())))
-        schema = StructType(fields)
+            fields.append(StructField("probability", ArrayType(DoubleType())))
         outputs = _model_fn(self.model, self.batch_size)
-        keep = list(df.columns)
-        out_col, prob_col = self.output_col, self.probability_col
+        with_prob = self.probability_col is not None
 
-        def predict(batches: Iterator[Any]) -> Iterator[Any]:
-            for pdf in batches:
-                if len(pdf) == 0:
-                    continue
-                out = outputs(_features(pdf[tmp]))
-                res = pdf[keep].copy()
-                res[out_col] = out.argmax(dim=1).double().numpy()
-                if prob_col:
-                    res[prob_col] = list(F.softmax(out, dim=1).double().numpy())
-                yield res
+        def predict(features: pd.Series) -> pd.DataFrame:
+            if len(features) == 0:
+                return pd.DataFrame({f.name: [] for f in fields})
+            out = outputs(_features(features))
+            res = pd.DataFrame({"prediction": out.argmax(dim=1).double().numpy()})
+            if with_prob:
+                res["probability"] = list(F.softmax(out, dim=1).double().numpy())
+            return res
 
-        return df2.mapInPandas(predict, schema)
+        # a scalar pandas UDF: every other column (Spark ML vectors included) stays as it is;
+        # Spark reads the kind of UDF from the hints, which must be objects, not strings
+        predict.__annotations__ = {"features": pd.Series, "return": pd.DataFrame}
+        udf = sf.pandas_udf(predict, StructType(fields))  # type: ignore[call-overload]
+        df2 = df.withColumn(tmp, udf(feats.cast("array<float>")))
+        df2 = df2.withColumn(self.output_col, sf.col(f"{tmp}.prediction"))
+        if self.probability_col:
+            df2 = df2.withColumn(self.probability_col, sf.col(f"{tmp}.probability"))
+        return df2.drop(tmp)
 
 
 class SparkEvaluator:

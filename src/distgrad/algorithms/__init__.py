@@ -10,7 +10,6 @@ so that worker processes and remote hosts find it by importing the same module
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from distgrad.algorithms import (
@@ -186,27 +185,17 @@ def _load(path: str) -> Algorithm:
     """Import ``"package.module:ATTR"`` and return (and register) the algorithm it names."""
     if path in _BY_PATH:
         return _BY_PATH[path]
-    module_name, _, attr = path.partition(":")
-    if not module_name or not all(p.isidentifier() for p in attr.split(".")):
-        raise ConfigError(f"an algorithm import path looks like 'package.module:ATTR', "
-                          f"got {path!r}")
+    from distgrad.entry import resolve  # the one import-path resolver (models, data too)
+
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ConfigError(
-                f"cannot import module {module_name!r} of algorithm {path!r}: {exc}. Is its "
-                f"folder on sys.path (PYTHONPATH)? Known algorithms: "
-                f"{', '.join(sorted(REGISTRY))}") from None
-        raise  # the user's module itself failed to import something: show it
-    obj: object = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            found = sorted(k for k, v in vars(module).items() if isinstance(v, Algorithm))
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}; its "
-                              f"algorithms: {', '.join(found) or 'none'}")
-        obj = getattr(obj, part)
+        obj = resolve(path, "algorithm")
+    except ConfigError as exc:
+        module = sys.modules.get(path.partition(":")[0])  # imported, attribute missing
+        found = sorted(k for k, v in vars(module).items() if isinstance(v, Algorithm)) \
+            if module is not None else []
+        mine = f"; the module's algorithms: {', '.join(found)}" if found else ""
+        raise ConfigError(f"{exc}{mine}. Known algorithms: "
+                          f"{', '.join(sorted(REGISTRY))}") from None
     if not isinstance(obj, Algorithm) and callable(obj):
         obj = obj()  # a factory
     if not isinstance(obj, Algorithm):

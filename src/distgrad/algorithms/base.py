@@ -300,6 +300,11 @@ class ServerRule:
     def apply_round(self, center: torch.Tensor, participants: int) -> dict[str, float]:
         raise NotImplementedError
 
+    def discard_round(self) -> None:
+        """Forget what the current round accumulated: the server refused the round (its
+        result was not finite) and put the center and :meth:`state_dict` back. Rules that
+        accumulate outside ``state_dict`` clear it here (:class:`RoundSumServer` does)."""
+
     def models(self, center: torch.Tensor) -> list[torch.Tensor]:
         """Parameter vectors whose averaged predictions make the trained model."""
         return [center]
@@ -348,6 +353,9 @@ class RoundSumServer(ServerRule):
         metrics = self.apply_sum(center, self._sum, participants)
         self._sum.zero_()
         return metrics
+
+    def discard_round(self) -> None:
+        self._sum.zero_()
 
     def apply_sum(self, center: torch.Tensor, total: torch.Tensor,
                   participants: int) -> dict[str, float]:

@@ -55,7 +55,10 @@ class Dataset:
 
     @property
     def classes(self) -> int:
-        return int(max(int(self.y_train.max()), int(self.y_test.max())) + 1)
+        """1 + the largest integer label (0 for float targets: regression has no classes)."""
+        if self.y_train.is_floating_point():
+            return 0
+        return int(max(int(y.max()) for y in (self.y_train, self.y_test) if y.numel()) + 1)
 
 
 def _parse_idx(raw: bytes) -> np.ndarray:

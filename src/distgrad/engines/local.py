@@ -23,13 +23,21 @@ and replies (:mod:`distgrad.protocol`), never pickles.
 
 Failures: a worker process that dies (SIGKILL, OOM) is seen at once through its
 process sentinel, recorded as a ``fault`` event and removed from the server; with
-``on_failure="reassign"`` the samples it had not committed are appended to the
-live worker with the least work left, so no sample is lost. A Python exception
-inside a worker fails the whole run with that worker's traceback (every worker
-runs the same code; reassigning would only repeat it). Ctrl-C stops every
-worker, writes a final checkpoint and the run directory, and leaves no process
-behind. Every ``checkpoint_every`` seconds the parent writes a checkpoint (temp file +
-rename) from which ``train(..., resume=DIR)`` continues exactly.
+``on_failure="reassign"`` the samples it had not committed go to the live workers so that
+they finish together and no sample is lost: half at once, split in proportion to their
+speed measured over their latest steps (:func:`split_by_speed`), the rest in pieces of
+eight batches to whichever worker runs low first (speeds change once a worker is gone).
+A Python exception inside a worker — including one raised while the worker rebuilds the
+job (a model class defined in ``__main__`` of a notebook cannot be unpickled there) —
+fails the whole run with that worker's traceback (every worker runs the same code;
+reassigning would only repeat it).
+Worker processes ignore SIGINT and SIGTERM (the parent orchestrates both), exit quietly
+on any disconnect and die with the parent (``PR_SET_PDEATHSIG`` on Linux, a watchdog
+thread elsewhere), so none lingers. SIGINT and SIGTERM stop every worker, write a final
+checkpoint and the run directory, and leave no process behind; a second signal stops at
+once. Every ``checkpoint_every`` seconds the parent writes a checkpoint (temp file +
+rename) from which ``train(..., resume=DIR)`` continues exactly; one that cannot be
+written (full disk, no permission) is a ``checkpoint_failed`` event and training goes on.
 
 Checkpoints are whole and consistent: the parent raises a flag in shared memory; each
 worker, at its next step boundary (right after reporting a local step, its generator
@@ -43,24 +51,29 @@ rule state), the protocol core (positions, sequence numbers), the recorder's cou
 and what is left of a replay schedule, then asks each worker for its
 :meth:`Worker.state_dict` (replica, inner optimizer, rule, batch order and position) and
 its driver's counters, and releases them. A resumed run starts each worker from its
-state: no initial pull, no fresh optimizer, the same sequence numbers. Ctrl-C (SIGINT)
-takes such a checkpoint before stopping (for at most ``_FINAL_WAIT`` seconds); an
-interruption raised inside the serving loop (e.g. by a progress callback) leaves the
-last periodic checkpoint standing.
+state: no initial pull, no fresh optimizer, the same sequence numbers. SIGINT and SIGTERM
+take such a checkpoint before stopping (waiting at most ``_FINAL_WAIT`` seconds for the
+workers to pause), with or without ``checkpoint_every`` (the run lifecycle gives the
+engine the run directory's checkpoint path); an interruption raised inside the serving
+loop (e.g. by a progress callback) leaves the last periodic checkpoint standing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import signal
 import struct
+import sys
 import threading
 import time
+import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +94,7 @@ from distgrad.protocol.messages import (
     Reply,
     StatsRequest,
 )
-from distgrad.rundir import write_checkpoint
+from distgrad.rundir import save_snapshot, server_snapshot
 from distgrad.worker import BatchSource, Worker
 
 if TYPE_CHECKING:
@@ -98,7 +111,12 @@ _PAUSED, _STATE = 8, 9
 _REPLY, _EXTRA, _STOP = 1, 2, 3
 # parent -> a paused worker: go on; send your snapshot, then go on
 _GO, _SNAP = 4, 5
-_FINAL_WAIT = 10.0  # seconds Ctrl-C waits for every worker to reach a step boundary
+_FINAL_WAIT = 10.0  # seconds an interrupt waits for every worker to reach a step boundary
+_START_WAIT = 60.0  # ... at most, while worker processes are still starting
+_RATE_STEPS = 64  # a worker's speed is measured over its latest steps
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1
+log = logging.getLogger("distgrad.local")
 _STEP_FMT = struct.Struct("<Bqdqq")  # kind, seq, loss, correct, samples
 _REQ_FMT = struct.Struct("<Bqqqqqqq")  # kind, seq, base version, steps, samples, position,
 #                                        flags, bytes on the wire
@@ -267,31 +285,87 @@ def build_worker(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Ten
     return worker, driver
 
 
-def _worker_main(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
+def _die_with_parent(parent: int | None) -> None:
+    """Make this process exit as soon as the ``parent`` process dies: ``PR_SET_PDEATHSIG``
+    (SIGKILL) on Linux, else a daemon thread that polls ``os.getppid()``."""
+    if parent is None:
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(0)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.2)
+            os._exit(0)
+
+        threading.Thread(target=watch, name="distgrad-parent-watch", daemon=True).start()
+
+
+def _worker_main(k: int, parts_blob: bytes, base: torch.Tensor, payload: torch.Tensor,
                  conn: Connection, device: str, order: np.ndarray | None,
                  threads: int, center: torch.Tensor | None, wanted: torch.Tensor | None = None,
-                 state: bytes | None = None) -> None:
-    """Entry point of worker process k: build the worker, drive it over the pipe.
+                 state: bytes | None = None, parent: int | None = None) -> None:
+    """Entry point of worker process k: rebuild the job, build the worker, drive it over
+    the pipe.
 
-    ``order`` replaces the worker's batch order (an older checkpoint's remaining samples);
-    ``state`` (``torch.save`` bytes of ``{"worker", "driver"}``, from a checkpoint) restores
-    the worker and its driver exactly where the snapshot was taken.
+    ``parts_blob`` is the job's :class:`RunParts` pickled by the parent
+    (``ForkingPickler``: shared tensors travel as handles); it is unpickled here, inside
+    the error handling, so a model or dataset this process cannot rebuild (a class
+    defined in a notebook's ``__main__``) fails the run with its traceback instead of
+    killing the process before it can say why. ``order`` replaces the worker's batch
+    order (an older checkpoint's remaining samples); ``state`` (``torch.save`` bytes of
+    ``{"worker", "driver"}``, from a checkpoint) restores the worker and its driver
+    exactly where the snapshot was taken. ``parent`` is the parent's pid: this process
+    dies with it.
 
     A straggler (``k < timing.stragglers``) sleeps ``(straggler_factor − 1)`` times
     each step's compute time after the step: a real slowdown of the same shape as
     the simulator's.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orchestrates Ctrl-C
+    for sig in _STOP_SIGNALS:  # the parent orchestrates interrupts (it checkpoints first;
+        signal.signal(sig, signal.SIG_IGN)  # ignored since exec, see LocalEngine.run)
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
-    timing = parts.job.timing
-    slow = timing.straggler_factor - 1.0 if k < timing.stragglers else 0.0
     try:
-        worker, driver = build_worker(k, parts, base, payload, device, order, state)
+        try:
+            from multiprocessing.reduction import ForkingPickler
+
+            parts: RunParts = ForkingPickler.loads(parts_blob)
+        except Exception:
+            conn.send_bytes(bytes([_FAIL]) + (_UNPICKLABLE + traceback.format_exc()).encode(
+                errors="replace"))
+            raise SystemExit(1) from None
+        try:
+            timing = parts.job.timing
+            slow = timing.straggler_factor - 1.0 if k < timing.stragglers else 0.0
+            worker, driver = build_worker(k, parts, base, payload, device, order, state)
+        except Exception:
+            conn.send_bytes(bytes([_FAIL]) + traceback.format_exc().encode(errors="replace"))
+            raise SystemExit(1) from None
         channel = PipeChannel(conn, worker, base, payload, center,
                               parts.algorithm.apply_unlocked, slow, wanted, driver)
-        drive(driver, channel)
+        try:
+            drive(driver, channel)
+        except PipeChannel.transport_errors:
+            raise
+        except Exception:  # drive reported the traceback to the parent, which fails the run
+            raise SystemExit(1) from None
     except PipeChannel.transport_errors:
         return  # stopped, or the parent is gone: exit quietly instead of lingering
+
+
+_UNPICKLABLE = ("the worker process could not rebuild the job: a model, dataset or loss "
+                "defined in __main__ of a notebook, `python -c` or stdin cannot be loaded by "
+                "a worker process; define it in an importable module\n")
 
 
 # --------------------------------------------------------------------------- parent side
@@ -309,6 +383,18 @@ class _Slot:
     order: np.ndarray  # every sample assigned to this worker, in visiting order
     alive: bool = True
     done: bool = False
+    heard: bool = False  # it sent a message: its process started and rebuilt the job
+    stepped: int = 0  # samples of its order it has reported steps for
+    steps: deque[tuple[float, int]] = field(  # (time, samples) of its latest steps
+        default_factory=lambda: deque(maxlen=_RATE_STEPS))
+
+    def rate(self) -> float | None:
+        """Samples per second over its latest steps (None before two): the speed it runs
+        at now, on a host whose load changes."""
+        if len(self.steps) < 2:
+            return None
+        span = self.steps[-1][0] - self.steps[0][0]
+        return sum(n for _, n in list(self.steps)[1:]) / span if span > 0 else None
 
 
 class _WallClock:
@@ -341,6 +427,8 @@ class LocalEngine:
         self._clock = _WallClock()
         self.interrupted = False
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked to stop
+        self.checkpoints_tried = 0  # checkpoint writes attempted by this run
 
     # ------------------------------------------------------------------ run
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
@@ -379,47 +467,66 @@ class LocalEngine:
         self.snap_wanted = False
         self.paused: set[int] = set()
         main_thread = threading.current_thread() is threading.main_thread()
-        if main_thread:  # children inherit SIG_IGN: Ctrl-C reaches only the parent's handler
-            old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            for k in range(n):
-                base = torch.zeros_like(server.center).share_memory_()
-                payload = torch.zeros_like(server.center).share_memory_()
-                parent_end, child_end = ctx.Pipe()
-                blob = None
-                if exact:  # the core already knows which workers are live (attempt 0)
-                    done_already = self.core.slots[k].state != "live"
-                    if not done_already:
-                        blob = _worker_blob(self.resume["workers"], k)
-                        # the parent reads base[k] as the stale center k holds
-                        base.copy_(self.resume["workers"][k]["worker"]["replica"]["base"])
-                else:
-                    done_already = self.resume is not None and len(orders[k]) == 0
-                proc = ctx.Process(
-                    target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
-                    args=(k, parts, base, payload, child_end, devices[k],
-                          orders[k] if self.resume and not exact else None, threads,
-                          server.center if lock_free else None, self.wanted, blob))
-                slot = _Slot(k, proc, parent_end, base, payload, orders[k])
-                self.slots.append(slot)
-                if done_already:
-                    slot.alive = False
-                    slot.done = not exact or self.core.slots[k].state == "done"
-                    if not exact:
-                        self.core.retire(k)
-                    continue
+        if main_thread:
+            # SIGINT/SIGTERM only raise a flag, checked between requests, so a commit is never
+            # left half-applied in the center or in a checkpoint. A signal this process
+            # inherited as ignored (SIGINT of a background job `cmd &` in a script) stays so.
+            old_handlers = {s: signal.signal(s, self._request_stop) for s in _STOP_SIGNALS
+                            if signal.getsignal(s) is not signal.SIG_IGN}
+        from multiprocessing.reduction import ForkingPickler
+
+        for k in range(n):
+            base = torch.zeros_like(server.center).share_memory_()
+            payload = torch.zeros_like(server.center).share_memory_()
+            parent_end, child_end = ctx.Pipe()
+            blob = None
+            if exact:  # the core already knows which workers are live (attempt 0)
+                done_already = self.core.slots[k].state != "live"
+                if not done_already:
+                    blob = _worker_blob(self.resume["workers"], k)
+                    # the parent reads base[k] as the stale center k holds
+                    base.copy_(self.resume["workers"][k]["worker"]["replica"]["base"])
+            else:
+                done_already = self.resume is not None and len(orders[k]) == 0
+            proc = ctx.Process(
+                target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
+                args=(k, bytes(ForkingPickler.dumps(parts)), base, payload, child_end,
+                      devices[k], orders[k] if self.resume and not exact else None,
+                      threads, server.center if lock_free else None, self.wanted, blob,
+                      os.getpid()))
+            slot = _Slot(k, proc, parent_end, base, payload, orders[k])
+            self.slots.append(slot)
+            core_slot = self.core.slots[k]
+            slot.stepped = int(core_slot.position) + int(core_slot.uncommitted)
+            if done_already:
+                slot.alive = False
+                slot.done = not exact or self.core.slots[k].state == "done"
                 if not exact:
-                    self.core.admit(k, 0)
+                    self.core.retire(k)
+                continue
+            if not exact:
+                self.core.admit(k, 0)
+            # while it is forked and exec'd both are ignored, so the worker inherits them
+            # ignored from its first instruction: a signal to the whole process group
+            # (Ctrl-C, SLURM) in its seconds of start-up cannot kill it (the mask would
+            # not do: the child's is reset). One in these milliseconds is lost.
+            for sig in old_handlers if main_thread else ():
+                signal.signal(sig, signal.SIG_IGN)
+            try:
                 proc.start()
-                child_end.close()
-                recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
-                              device=devices[k])
-        finally:
-            if main_thread:
-                # Ctrl-C only raises a flag, checked between requests, so a commit is never
-                # left half-applied in the center or in a checkpoint
-                signal.signal(signal.SIGINT, self._request_stop)
+            finally:
+                for sig in old_handlers if main_thread else ():
+                    signal.signal(sig, self._request_stop)
+            child_end.close()
+            recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
+                          device=devices[k])
         self.deferred: list[tuple[float, int, list[torch.Tensor], int]] = []
+        # a dead worker's samples not yet handed out: given to whoever runs low first
+        self.spare = (np.asarray(self.resume["pool"].numpy(), dtype=np.int64)
+                     if self.resume is not None and "pool" in self.resume
+                     else np.empty(0, dtype=np.int64))
+        self.pool_owner = -1  # the worker whose samples the pool holds (for a loss)
+        self.low_water = 8 * job.batch_size  # samples left to step when a top-up is sent
         try:
             self._maybe_eval()
             self._serve()
@@ -431,7 +538,8 @@ class LocalEngine:
             self.core.on_update = None  # no engine <-> core cycle outlives the run
             torch.set_num_threads(old_threads)
             if main_thread:
-                signal.signal(signal.SIGINT, old_sigint)
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
         for t, version, vectors, committed in self.deferred:
             evals.callback(t, version, vectors, committed)
         if self.interrupted:
@@ -439,7 +547,11 @@ class LocalEngine:
         return self.now
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        """SIGINT/SIGTERM: stop after a final checkpoint; a second signal stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
         self.stop_requested = True
+        self.stop_signal = signum
 
     @property
     def now(self) -> float:
@@ -473,15 +585,25 @@ class LocalEngine:
         every = self.job.checkpoint_every if self.checkpoint_path is not None else None
         self.next_ckpt = self._t() + every if every else math.inf
         self.written = 0  # checkpoints written by this run
-        stop_by = written_at_stop = None
+        stop_by: float | None = None
+        tried_at_stop, give_up = 0, math.inf
         while any(s.alive and not s.done for s in self.slots):
-            if self.stop_requested:  # Ctrl-C: a last whole checkpoint, then stop
-                if self.checkpoint_path is None:
-                    raise KeyboardInterrupt
+            if self.stop_requested:  # SIGINT/SIGTERM: a last whole checkpoint, then stop
+                if self.checkpoint_path is None or self.recorder.write_error is not None:
+                    raise KeyboardInterrupt  # nowhere to write it, or the log is broken
                 if stop_by is None:
-                    stop_by, written_at_stop = self._t() + _FINAL_WAIT, self.written
+                    stop_by, tried_at_stop = self._t() + _FINAL_WAIT, self.checkpoints_tried
+                    give_up = self._t() + _START_WAIT
                     self._want_snapshot()
-                elif self.written > written_at_stop or self._t() >= stop_by:
+                elif any(not s.heard for s in self.slots if s.alive and not s.done):
+                    # a worker process still starting (importing torch on a busy host)
+                    stop_by = min(max(stop_by, self._t() + _FINAL_WAIT), give_up)
+                if self.checkpoints_tried > tried_at_stop:
+                    raise KeyboardInterrupt
+                elif self._t() >= stop_by:
+                    log.warning("no final checkpoint: the workers did not all reach a step "
+                                "boundary within %.0f s; the last checkpoint stands",
+                                _FINAL_WAIT)
                     raise KeyboardInterrupt
             live = [s for s in self.slots if s.alive and not s.done]
             waitables: list[Any] = [s.conn for s in live] + [s.proc.sentinel for s in live]
@@ -514,6 +636,10 @@ class LocalEngine:
                 self._advance_snapshot()
             elif now >= self.next_ckpt:
                 self._want_snapshot()
+        if len(self.spare):  # every worker finished before it ran low (should not happen)
+            self.recorder.fault(self._t(), self.pool_owner, "unassigned",
+                                samples_lost=len(self.spare))
+            self.spare = np.empty(0, dtype=np.int64)
 
     def _drain(self, slot: _Slot) -> None:
         """Read what a finished process left in its pipe (its DONE may race its exit)."""
@@ -532,6 +658,7 @@ class LocalEngine:
     def _handle(self, slot: _Slot, msg: bytes) -> None:
         """Decode one message of worker ``slot.k`` into a protocol request and serve it."""
         kind, k = msg[0], slot.k
+        slot.heard = True
         if kind == _PAUSED:
             if self.snap_wanted:
                 self.paused.add(k)
@@ -540,7 +667,11 @@ class LocalEngine:
             return
         if kind == _STEP:
             _, seq, loss, correct, samples = _STEP_FMT.unpack(msg)
+            slot.steps.append((self._clock.now, samples))
+            slot.stepped += samples
             self.core.stats(StatsRequest(k, 0, seq, StepStats(loss, correct, samples)))
+            if len(self.spare) and len(slot.order) - slot.stepped <= self.low_water:
+                self._top_up(slot)
             return
         if kind == _FAIL:
             text = msg[1:].decode(errors="replace")
@@ -554,6 +685,9 @@ class LocalEngine:
             read = kind == _READ
             req = PullRequest(k, 0, seq, record=not read, into=slot.payload if read else slot.base)
         elif kind in (_COMMIT, _APPLIED):
+            if (kind == _COMMIT and len(self.spare)
+                    and len(slot.order) - slot.stepped <= self.low_water):
+                self._top_up(slot)  # before the reply: it takes the work in before done
             req = CommitRequest(k, 0, seq, base_version=base, steps=steps, samples=samples,
                                 position=position, payload=slot.payload, stale=slot.base,
                                 want_pull=bool(flags & _F_PULL), pull_into=slot.base,
@@ -594,21 +728,60 @@ class LocalEngine:
         slot.proc.join(timeout=1.0)
         code = slot.proc.exitcode
         lost = self._remaining(slot)
+        # samples it computed but never committed: their work is done again (or lost)
+        wasted = min(int(self.core.slots[slot.k].uncommitted), len(lost))
         kind = f"killed by signal {-code}" if code is not None and code < 0 else (
             f"exited with code {code}")
-        reassigned_to = None
-        if self.job.on_failure == "reassign" and len(lost):
-            heirs = [s for s in self.slots if s.alive and not s.done]
-            if heirs:
-                heir = min(heirs, key=lambda s: len(self._remaining(s)))
-                heir.order = np.concatenate([heir.order, lost])
-                self.core.add_work(heir.k, len(lost))
-                self._send_extra(heir, lost)
-                reassigned_to = heir.k
-        samples_lost = 0 if reassigned_to is not None else len(lost)
-        self._send_replies(self.core.crash(slot.k, "died", samples_lost=samples_lost,
-                                           detail=kind, uncommitted=len(lost),
-                                           reassigned_to=reassigned_to))
+        if not slot.heard:  # e.g. Python could not start it (a script read from stdin)
+            kind += " before it started"
+            if code is not None and code > 0:
+                kind += "; its own error, if any, is on stderr above"
+        reassigned: list[list[int]] = []
+        speeds: list[list[Any]] = []  # [worker, measured samples/s, samples it had left]
+        # heirs: live workers with samples still to commit (one whose last commit was
+        # answered may already have said it is done: extra work would come too late)
+        heirs = [s for s in self.slots if s.alive and not s.done and len(self._remaining(s))]
+        pooled = 0
+        if self.job.on_failure == "reassign" and len(lost) and heirs:
+            # half now, split by measured speed so that all would finish together; the rest
+            # is handed out in small pieces to whichever worker runs low first (speeds
+            # change once a worker is gone), so that they do finish together
+            pooled = len(lost) // 2 if len(heirs) > 1 else 0
+            now_part, self.spare = lost[:len(lost) - pooled], np.concatenate(
+                [self.spare, lost[len(lost) - pooled:]])
+            self.pool_owner = slot.k
+            speeds = [[s.k, s.rate(), len(self._remaining(s))] for s in heirs]
+            shares = split_by_speed(len(now_part), [r for _, _, r in speeds],
+                                    [v for _, v, _ in speeds])
+            start = 0
+            for heir, share in zip(heirs, shares, strict=True):
+                if share:
+                    reassigned.append([heir.k, share])
+                    self._give(heir, now_part[start:start + share])
+                    start += share
+        lost_now = len(lost) if not (reassigned or pooled) else 0
+        if not heirs and len(self.spare):  # nobody left to take the pool either
+            lost_now, self.spare = lost_now + len(self.spare), np.empty(0, dtype=np.int64)
+        self._send_replies(self.core.crash(
+            slot.k, "died", samples_lost=lost_now, detail=kind, uncommitted=len(lost),
+            wasted=wasted, reassigned=reassigned or None, pooled=pooled or None,
+            reassigned_to=[w for w, _ in reassigned] or None, heirs=speeds or None))
+
+    def _give(self, heir: _Slot, chunk: np.ndarray) -> None:
+        """Append ``chunk`` to ``heir``'s work (its order, the core's total, its process)."""
+        heir.order = np.concatenate([heir.order, chunk])
+        self.core.add_work(heir.k, len(chunk))
+        self._send_extra(heir, chunk)
+
+    def _top_up(self, slot: _Slot) -> None:
+        """``slot`` runs low while a dead worker's samples wait in the pool: give it a piece
+        (it still has samples to commit, so it reads them before it can say done)."""
+        if not slot.alive or slot.done or not len(self._remaining(slot)):
+            return
+        chunk, self.spare = self.spare[:self.low_water], self.spare[self.low_water:]
+        self.recorder.note(self._t(), "extra_work", worker=slot.k, samples=len(chunk),
+                           origin=self.pool_owner)
+        self._give(slot, chunk)
 
     def _send_extra(self, slot: _Slot, indices: np.ndarray) -> None:
         try:
@@ -674,19 +847,10 @@ class LocalEngine:
         state), protocol core, what is left of a replay schedule, each worker's remaining
         samples and the recorder's counters. Consistent only while no request is in flight
         (every live worker paused at a step boundary)."""
-        core = self.core
-        return {
-            "format": 2,
-            "t": self._t(),
-            "server": self.server.state_dict(),
-            "core": core.state_dict(),
-            "schedule": None if core.schedule is None else [[op, w] for op, w in core.schedule],
-            "orders": [torch.from_numpy(self._remaining(s).copy()) for s in self.slots],
-            "samples": self.recorder.samples,
-            "samples_committed": self.recorder.samples_committed,
-            "commits": self.recorder.commits,
-            "bytes_committed": self.recorder.bytes_committed,
-        }
+        snap = server_snapshot(self.core, self.recorder, self._t(), 2)
+        snap["orders"] = [torch.from_numpy(self._remaining(s).copy()) for s in self.slots]
+        snap["pool"] = torch.from_numpy(self.spare.copy())
+        return snap
 
     def _take_snapshot(self, live: list[_Slot]) -> None:
         """Every live worker is paused at a step boundary: snapshot the parent, collect each
@@ -718,11 +882,9 @@ class LocalEngine:
             self.next_ckpt = self._t()
             return
         snap["workers"] = workers
-        self.recorder.note(snap["t"], "checkpoint", version=snap["server"]["version"])
-        snap["events"] = len(self.recorder.events)  # a resume drops the events after this
         assert self.checkpoint_path is not None
-        write_checkpoint(self.checkpoint_path, snap)
-        self.written += 1
+        self.checkpoints_tried += 1
+        self.written += save_snapshot(self.checkpoint_path, snap, self.recorder, snap["t"])
         every = self.job.checkpoint_every  # counted from the end of this one: a slow write
         self.next_ckpt = self._t() + every if every else math.inf  # (big model) never loops
 
@@ -741,13 +903,41 @@ class LocalEngine:
             if s.proc.pid is None:
                 continue
             s.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if s.proc.is_alive():
-                s.proc.terminate()
-                s.proc.join(timeout=2.0)
-            if s.proc.is_alive():
+            if s.proc.is_alive():  # (workers ignore SIGTERM: the parent orchestrates it)
                 s.proc.kill()
                 s.proc.join()
             s.conn.close()
+
+
+def split_by_speed(samples: int, remaining: list[int], rates: list[float | None]
+                   ) -> list[int]:
+    """Shares of ``samples`` reassigned samples for workers that have ``remaining`` samples
+    left and run at ``rates`` samples per second (None: not measured yet, taken as the
+    mean of the measured ones), such that every worker that gets some finishes at the same
+    time T — water filling: a worker whose own work already outlasts T gets none. The
+    shares are whole samples and add up to ``samples``."""
+    if not remaining:
+        return []
+    known = [r for r in rates if r is not None and r > 0]
+    fill = sum(known) / len(known) if known else 1.0
+    speed = [r if r is not None and r > 0 else fill for r in rates]
+    by_finish = sorted(range(len(speed)), key=lambda i: remaining[i] / speed[i])
+    taking: list[int] = []
+    finish = 0.0
+    for pos, i in enumerate(by_finish):
+        taking.append(i)
+        finish = (samples + sum(remaining[j] for j in taking)) / sum(speed[j] for j in taking)
+        nxt = by_finish[pos + 1] if pos + 1 < len(by_finish) else None
+        if nxt is None or remaining[nxt] / speed[nxt] >= finish:
+            break
+    exact = [max(0.0, finish * speed[i] - remaining[i]) if i in taking else 0.0
+             for i in range(len(speed))]
+    shares = [math.floor(x) for x in exact]
+    # the samples left by rounding down go to the largest fractional parts
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - shares[i],
+                    reverse=True)[:samples - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def _worker_blob(workers: list[dict[str, Any] | None], k: int) -> bytes:

@@ -34,6 +34,8 @@ DEFAULT_ENGINE = ENGINES[0]
 DEVICES = ("cpu", "cuda")
 ON_FAILURE = ("reassign", "drop")
 INTEGRITY = ("full", "header")
+#: the net engine's protection modes (as :data:`distgrad.transport.frames.PROTECTIONS`)
+PROTECTIONS = ("encrypt", "integrity", "header")
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -48,7 +50,8 @@ def _threads(value: int | None) -> None:
 
 def _threads_option() -> Any:
     return option(None, "torch threads: per worker process (local, default 1) or for the "
-                        "whole simulator (sim, default: torch's choice)", metavar="N")
+                        "whole simulator (sim, default: 1 for models of up to 1M parameters, "
+                        "else torch's choice)", metavar="N")
 
 
 def _max_restarts_option() -> Any:
@@ -105,21 +108,37 @@ class NetOptions:
     advertise: str | None = option(
         None, "host name printed for the workers (default: the bind address, or this host's "
               "name with --bind 0.0.0.0)", metavar="HOST")
-    integrity: str = option(
-        "full", "full|header: MAC every payload (full) or only headers (faster; on trusted "
-                "networks)", metavar="HOW")
+    protection: str = option(
+        "encrypt", "encrypt|integrity|header: AES-256-GCM on every byte (encrypt), every "
+                   "byte authenticated but payloads in clear (integrity), or only headers "
+                   "authenticated (header; trusted networks only); workers must use the same",
+        metavar="HOW")
+    integrity: str | None = option(
+        None, "deprecated spelling of --protection: full = integrity, header = header",
+        metavar="HOW")
     worker_timeout: float = option(120.0, "a worker silent this long is declared dead",
                                    metavar="SEC")
     rejoin_timeout: float | None = option(
         None, "with no worker running, a dead worker not replaced within this time is "
               "abandoned and its samples reported lost (default: --worker-timeout)",
         metavar="SEC")
+    shards: int = option(
+        1, "cut the center into S contiguous slices, each served by its own parameter "
+           "server on its own port (--port P: ports P..P+S-1) and thread; workers connect "
+           "to the first and talk to all in parallel (DistBelief)", metavar="S")
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or \
                 not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be an integer in [0, 65535], got {self.port!r}")
-        choose("integrity", self.integrity, INTEGRITY)
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or \
+                not 1 <= self.shards <= 64:
+            raise ConfigError(f"shards must be an integer in [1, 64], got {self.shards!r}")
+        choose("protection", self.protection, PROTECTIONS)
+        if self.integrity is not None:
+            choose("integrity", self.integrity, INTEGRITY)
+            object.__setattr__(self, "protection",
+                               "integrity" if self.integrity == "full" else "header")
         positive_float("worker_timeout", self.worker_timeout)
         if self.rejoin_timeout is not None:
             positive_float("rejoin_timeout", self.rejoin_timeout)

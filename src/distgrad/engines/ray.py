@@ -282,9 +282,11 @@ class WorkerActor:
             crash_after: int | None = None) -> dict[str, int]:
         import ray
 
+        from distgrad.parts import with_job_code
         from distgrad.protocol.driver import WorkerDriver, drive
 
         k = self.k
+        self.parts = with_job_code(self.parts)  # a job named by import paths: built here
         w = self.parts.make_worker(k)
         positions = ray.get([s.admit.remote(k, attempt) for s in shards])
         channel = RayChannel(shards, bounds, t0, crash_after)
@@ -300,14 +302,17 @@ def worker_parts(parts: RunParts, k: int) -> RunParts:
     The batch order is the same: a seeded permutation of positions 0..m-1 applied to the
     shard equals the same permutation applied to the shard's indices."""
     from distgrad.data import Dataset
+    from distgrad.parts import without_code
 
+    if parts.streams is not None:  # each actor opens its own stream
+        return without_code(parts)
     idx = torch.from_numpy(np.asarray(parts.shards[k], dtype=np.int64))
     d = parts.dataset
     small = Dataset(d.name, d.x_train[idx].clone(), d.y_train[idx].clone(), d.x_test[:0],
                     d.y_test[:0])
     shards = [np.arange(len(idx)) if i == k else np.empty(0, dtype=np.int64)
               for i in range(len(parts.shards))]
-    return replace(parts, dataset=small, shards=shards)
+    return without_code(replace(parts, dataset=small, shards=shards))
 
 
 def shard_bounds(n: int, threshold: int, shards: int | None) -> list[tuple[int, int]]:

@@ -11,7 +11,10 @@ Commits and pulls happen at an instant of virtual time (plus ``commit_time`` for
 the round trip, and queueing behind ``server_time`` if set). A synchronous rule
 parks each committing worker until every live worker has committed (barrier).
 A crash removes the worker at its time; its uncommitted and unprocessed samples
-are recorded as lost.
+are recorded as lost. ``Timing.cost_profile`` turns a measured cost profile into
+``server_time``/``commit_time`` for the job's algorithm (:meth:`Timing.resolved`);
+``Timing.fixed_order`` keeps each worker's shard in one order for every pass, as
+dist-keras did, instead of reshuffling it each pass.
 
 **Stale-synchronous gate** (``ssp``): a commit the server reports as ``held``
 parks the worker without its pull; after every commit and every departure the
@@ -78,6 +81,7 @@ from distgrad.protocol.messages import (
 from distgrad.rundir import write_checkpoint
 from distgrad.server import ParameterServer
 from distgrad.stats import StepStats
+from distgrad.worker import BatchSource
 
 if TYPE_CHECKING:
     from distgrad.parts import RunParts
@@ -140,6 +144,7 @@ class SimEngine:
             raise ValueError("not a snapshot of the sim engine (no 'sim' state in it)")
         self.resume = resume
         self.checkpoints: list[Path] = []  # the files written, in order
+        self.stop_requested = False  # an interrupt: checkpoint when quiescent, then stop
 
     @property
     def now(self) -> float:
@@ -152,10 +157,12 @@ class SimEngine:
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
         """Run every worker to the end of its data; return the final virtual time."""
-        if self.threads is None:
+        # unset here: the job's (build_parts gives small models one thread)
+        threads = self.threads if self.threads is not None else parts.job.threads
+        if threads is None:
             return self._run(parts, server, recorder, evals)
         old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(threads)
         try:
             return self._run(parts, server, recorder, evals)
         finally:
@@ -164,6 +171,14 @@ class SimEngine:
     def _run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
              evals: EvalSchedule) -> float:
         workers = [parts.make_worker(k) for k in range(len(parts.shards))]
+        if self.timing.fixed_order:  # dist-keras: every pass visits the shard in one order
+            for k, w in enumerate(workers):
+                b = w.batches
+                w.batches = BatchSource(b.x, b.y, parts.shards[k], b.batch_size,
+                                        parts.job.epochs, seed=0, shuffle=False,
+                                        device=b.device)
+        # a cost profile becomes server_time/commit_time for this algorithm and model size
+        self.timing = self.timing.resolved(parts.job.algorithm, server.center.numel())
         self.workers = workers
         self.drivers = [WorkerDriver(w) for w in workers]
         snap = self.resume
@@ -198,6 +213,10 @@ class SimEngine:
             for worker, when in self.timing.crashes:
                 self._push(when, "crash", worker)
         while self.heap:
+            if self.stop_requested and (self.checkpoint_path is None or self.quiescent()):
+                if self.checkpoint_path is not None:
+                    self._maybe_checkpoint()
+                raise KeyboardInterrupt
             if self._checkpoint_due():
                 self._maybe_checkpoint()
             t, _, kind, k = heapq.heappop(self.heap)

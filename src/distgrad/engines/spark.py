@@ -17,6 +17,7 @@ before the stage, so every attempt reads the same rows in the same order).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,39 @@ def import_pyspark() -> Any:
         raise ConfigError("the spark engine needs PySpark: pip install 'distgrad[spark]'"
                           ) from None
     return pyspark
+
+
+def task_slots(spark: Any) -> int | None:
+    """Concurrent task slots of the session (``defaultParallelism`` / ``spark.task.cpus``),
+    or None where they can grow (dynamic allocation)."""
+    conf = spark.sparkContext.getConf()
+    if conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+        return None
+    cpus = max(1, int(conf.get("spark.task.cpus", "1")))
+    return int(spark.sparkContext.defaultParallelism) // cpus
+
+
+def check_slots(spark: Any, workers: int) -> None:
+    """A barrier stage needs one slot per worker at once: refuse more workers than slots
+    before Spark waits for slots that never come."""
+    slots = task_slots(spark)
+    if slots is not None and workers > slots:
+        raise ConfigError(f"{workers} workers need {workers} concurrent Spark task slots; "
+                          f"this session has {slots} (master "
+                          f"{spark.sparkContext.master!r}): use at most {slots} workers, or "
+                          f"more executors/cores")
+
+
+def use_driver_python(spark: Any) -> None:
+    """On a local master, run the Python workers with this interpreter (which has distgrad)
+    unless the user chose one (``PYSPARK_PYTHON`` or ``spark.pyspark.python``) — a session
+    the user built before importing distgrad would otherwise start ``python3`` from PATH."""
+    sc = spark.sparkContext
+    if not sc.master.startswith("local") or os.environ.get("PYSPARK_PYTHON"):
+        return
+    if sc.getConf().get("spark.pyspark.python", None):
+        return
+    sc.pythonExec = sys.executable
 
 
 def local_session(master: str, app: str = "distgrad") -> Any:
@@ -111,7 +145,7 @@ def _task(spec: dict[str, Any]) -> Any:
 
         torch.set_num_threads(1)
         from distgrad.data import Dataset
-        from distgrad.parts import RunParts
+        from distgrad.parts import RunParts, with_job_code
         from distgrad.transport.client import NetClient, run_worker
 
         ctx = BarrierTaskContext.get()
@@ -120,11 +154,19 @@ def _task(spec: dict[str, Any]) -> Any:
         k = _partition_worker(batches, ctx.partitionId())
         x, y = arrow_to_tensors(iter(batches))
         job = spec["job"]
+        if isinstance(job, str):  # the job as JSON: model and loss by import path
+            from distgrad.transport.jobspec import job_from_dict
+
+            job = job_from_dict(json.loads(job))
         n = job.workers
-        parts = RunParts(job=job, dataset=Dataset("spark", x, y, x[:0], y[:0]),
-                         shards=[np.arange(len(y)) if i == k else np.empty(0, np.int64)
-                                 for i in range(n)],
-                         template=spec["template"], loss_fn=spec["loss_fn"])
+        parts = with_job_code(RunParts(
+            job=job, dataset=Dataset("spark", x, y, x[:0], y[:0]),
+            shards=[np.arange(len(y)) if i == k else np.empty(0, np.int64) for i in range(n)],
+            template=spec["template"], loss_fn=spec["loss_fn"]))
+        if parts.step_fn is None and job.step is not None:
+            from distgrad.entry import resolve
+
+            parts.step_fn = resolve(job.step, "step")
         worker = parts.make_worker(k)
         with NetClient(spec["address"], spec["secret"], worker=k, attempt=attempt,
                        total=job.epochs * len(y), timeout=spec["timeout"]) as client:
@@ -216,20 +258,27 @@ class SparkEngine:
         try:
             df = self.dataframe if self.dataframe is not None else shards_frame(spark, parts)
             return self.train_frame(spark, df, parts.job, parts.template, parts.loss_fn,
-                                    server, recorder, evals)
+                                    server, recorder, evals, portable=parts.portable)
         finally:
             if made:
                 spark.stop()
 
     def train_frame(self, spark: Any, df: Any, job: Any, template: Any, loss_fn: Any,
-                    server: ParameterServer, recorder: Recorder, evals: EvalSchedule) -> float:
+                    server: ParameterServer, recorder: Recorder, evals: EvalSchedule, *,
+                    portable: bool = False) -> float:
         """Run the barrier stage over ``df`` (columns ``features`` array<float>, ``label``),
-        one partition per worker, serving the commits on this driver."""
+        one partition per worker, serving the commits on this driver.
+
+        ``portable``: the job names its model and loss (import paths or built-in names), so
+        the tasks receive the job as JSON and build them themselves; otherwise the
+        ``template`` and ``loss_fn`` objects travel in the task closure (Spark pickles it)."""
         from distgrad.protocol.core import ProtocolCore
         from distgrad.transport.auth import new_secret
         from distgrad.transport.server import NetServer
 
         workers = int(job.workers)
+        check_slots(spark, workers)
+        use_driver_python(spark)
         if df.rdd.getNumPartitions() != workers:
             df = df.repartition(workers)
         # Materialise the partitions once: a barrier stage may not contain unions or
@@ -249,7 +298,9 @@ class SparkEngine:
         net = NetServer(core, secret, bind="127.0.0.1" if local else "0.0.0.0",
                         advertise="127.0.0.1" if local else host,
                         worker_timeout=max(self.timeout * 4, 600.0))
-        spec = {"job": job, "template": template, "loss_fn": loss_fn, "address": net.address,
+        spec = {"job": json.dumps(job.to_dict()) if portable else job,
+                "template": None if portable else template,
+                "loss_fn": None if portable else loss_fn, "address": net.address,
                 "secret": secret, "timeout": self.timeout,
                 "inject_failure": self.inject_failure}
         thread = net.serve_in_thread()

@@ -14,7 +14,13 @@ Times are virtual seconds. A full-batch step takes ``step_time`` on average
 
 The timing model changes results, not just timings: in a probe of AGN at n=20,
 λ=15, 40 epochs, lockstep round-robin service reached 93.6 % test accuracy where
-a random order reached 98.45 %. Use ``constant`` only to study lockstep.
+a random order reached 98.45 % (``distgrad reproduce timing-order`` reruns it). Use
+``constant`` only to study lockstep.
+
+``cost_profile`` fills ``server_time``/``commit_time`` from costs measured on a real
+engine (``distgrad reproduce --measure-costs FILE``; :meth:`Timing.resolved`), and
+``fixed_order`` keeps each worker's shard in one order for every pass (dist-keras'
+order) instead of reshuffling it each pass.
 
 On top of any model: the first ``stragglers`` workers are slower by
 ``straggler_factor``; ``crashes`` lists (worker, time) pairs at which a worker
@@ -27,9 +33,11 @@ not depend on the order in which the simulator serves workers.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -56,6 +64,8 @@ class Timing:
     crashes: tuple[tuple[int, float], ...] = ()
     commit_time: float = 0.0
     server_time: float = 0.0
+    cost_profile: str | None = None
+    fixed_order: bool = False
 
     def __post_init__(self) -> None:
         choose("timing model", self.model, TIMING_MODELS)
@@ -65,6 +75,8 @@ class Timing:
         positive_float("straggler_factor", self.straggler_factor)
         nonnegative_float("commit_time", self.commit_time)
         nonnegative_float("server_time", self.server_time)
+        if self.cost_profile is not None:
+            read_cost_profile(self.cost_profile)  # fails now, naming the file, not mid-run
         for crash in self.crashes:
             if len(crash) != 2:
                 raise ConfigError(f"a crash is (worker, time), got {crash!r}")
@@ -81,6 +93,48 @@ class Timing:
     def clocks(self, workers: int, seed: int) -> list[WorkerClock]:
         self.check_workers(workers)
         return [WorkerClock(self, k, seed) for k in range(workers)]
+
+    def resolved(self, algorithm: str, parameters: int) -> Timing:
+        """This timing with ``server_time``/``commit_time`` filled from ``cost_profile``
+        (for ``algorithm`` and a model of ``parameters``); unchanged without a profile."""
+        if self.cost_profile is None:
+            return self
+        server, commit = profile_costs(read_cost_profile(self.cost_profile), algorithm,
+                                       parameters, self.step_time)
+        return replace(self, cost_profile=None,
+                       server_time=self.server_time or server,
+                       commit_time=self.commit_time or commit)
+
+
+COST_PROFILE_KIND = "distgrad-cost-profile"
+
+
+def read_cost_profile(path: str | Path) -> dict[str, Any]:
+    """A cost profile (JSON written by ``distgrad reproduce costs``), checked."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read cost profile {str(path)!r}: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != COST_PROFILE_KIND:
+        raise ConfigError(f"{str(path)!r} is not a cost profile (no kind={COST_PROFILE_KIND!r})")
+    for key in ("parameters", "step_seconds", "commit_seconds", "server_seconds"):
+        if key not in data:
+            raise ConfigError(f"cost profile {str(path)!r} has no {key!r}")
+    return data
+
+
+def profile_costs(profile: dict[str, Any], algorithm: str, parameters: int,
+                  step_time: float) -> tuple[float, float]:
+    """(server_time, commit_time) in virtual seconds: the measured seconds in units of the
+    measured step (one worker step of the profiled model), times ``step_time``, scaled
+    linearly by ``parameters`` / the profiled model's parameters (both costs are memory
+    passes over the parameter vector)."""
+    per_alg = profile["server_seconds"]
+    if algorithm not in per_alg:
+        raise ConfigError(f"cost profile has no server cost for algorithm {algorithm!r}; "
+                          f"it has: {', '.join(sorted(per_alg))}")
+    unit = step_time / float(profile["step_seconds"]) * parameters / float(profile["parameters"])
+    return float(per_alg[algorithm]) * unit, float(profile["commit_seconds"]) * unit
 
 
 class WorkerClock:

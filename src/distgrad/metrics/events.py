@@ -12,15 +12,23 @@ virtual seconds in the simulator, elapsed wall seconds in real engines):
               of its commits)
 * ``eval``    version, samples, test_loss, test_acc — the center on the full test set
 * ``pull``    worker, version — an explicit pull (each worker's first)
-* ``fault``   worker, kind, samples_lost
+* ``fault``   worker, kind, samples_lost [, detail, reason, uncommitted, wasted,
+              reassigned (``[[worker, samples], ...]``), pooled (handed out later as
+              ``extra_work`` events: worker, samples, origin), reassigned_to, heirs (``[[worker,
+              samples/s measured or null, samples it had left], ...]``: what the split used)]
 * ``done``    worker — a worker finished its data
+* ``checkpoint`` / ``checkpoint_failed`` (error) / ``resume`` — engine notes
 
 Events hold no wall-clock readings, so a simulator run's log is bit-identical
 for a seed. Lines are flushed as they are written: a run that dies keeps its log.
+A line that cannot be written (a full disk) raises :class:`EventLogError` — at that
+write and every later one, until :meth:`Recorder.detach` — so the run stops instead of
+training on with no record; the events stay in memory for the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -29,6 +37,16 @@ from typing import IO, Any
 
 from distgrad.algorithms.base import StepStats
 from distgrad.server import CommitRecord, RoundRecord
+
+
+class EventLogError(RuntimeError):
+    """``events.jsonl`` could not be written; ``cause`` is the OSError (e.g. ENOSPC)."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        from distgrad.rundir import describe_os_error
+
+        super().__init__(f"cannot write the event log {path}: {describe_os_error(cause)}")
+        self.path, self.cause = path, cause
 
 
 def _clean(v: Any) -> Any:
@@ -50,9 +68,12 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self.record_batches = record_batches
         self.on_batch = on_batch
+        self.path = path
         self._file: IO[str] | None = (
             path.open("a" if append else "w", buffering=1) if path is not None else None)
         self._lock = threading.Lock()
+        self.write_error: EventLogError | None = None  # set once a line could not be written
+        self.on_event: Callable[[dict[str, Any]], None] | None = None  # every non-batch event
         self.samples = 0
         self.samples_committed = 0
         self.commits = 0
@@ -63,13 +84,42 @@ class Recorder:
         line = json.dumps(event, allow_nan=False, default=_clean) + "\n"
         with self._lock:  # engines may evaluate in a second thread
             self.events.append(event)
+            if self.write_error is not None:
+                raise self.write_error
             if self._file is not None:
-                self._file.write(line)
+                try:
+                    self._file.write(line)
+                except OSError as exc:
+                    assert self.path is not None
+                    self.write_error = EventLogError(self.path, exc)
+                    self._close_quietly()
+                    raise self.write_error from exc
+        if self.on_event is not None and event["type"] != "batch":
+            self.on_event(event)
+
+    def _close_quietly(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(OSError):  # the buffered rest cannot be written either
+                f.close()
+
+    def detach(self) -> None:
+        """Stop writing to the file and stop raising a past write failure (events are
+        still kept in memory): the run is being finalized."""
+        with self._lock:
+            self._close_quietly()
+            self.write_error = None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            try:
+                self._file.close()
+            except OSError as exc:
+                assert self.path is not None
+                self.write_error = EventLogError(self.path, exc)
+                raise self.write_error from exc
+            finally:
+                self._file = None
 
     # ------------------------------------------------------------------ events
     def batch(self, t: float, worker: int, stats: StepStats) -> None:
@@ -147,6 +197,38 @@ def _finite(v: float | None) -> float | None:
         return None
     v = float(v)
     return v if v == v and abs(v) != float("inf") else None
+
+
+def describe_fault(event: dict[str, Any]) -> str:
+    """One line for a ``fault`` event: which worker, why, and what became of its samples."""
+    why = event.get("detail") or event.get("kind", "fault")
+    reason = event.get("reason")
+    if reason:
+        last = [ln for ln in str(reason).strip().splitlines() if ln.strip()]
+        if last:
+            why = f"{why}: {last[-1].strip()}"
+    text = f"worker {event['worker']} {_verb(event)} ({why}) at {event['t']:.1f} s"
+    uncommitted = event.get("uncommitted")
+    reassigned = event.get("reassigned") or []
+    lost = int(event.get("samples_lost") or 0)
+    pooled = int(event.get("pooled") or 0)
+    if reassigned or pooled:
+        moved = sum(int(n) for _, n in reassigned) + pooled
+        parts = ", ".join(f"{int(n):,} to worker {int(w)}" for w, n in reassigned)
+        if pooled:
+            parts += f"{', ' if parts else ''}{pooled:,} in pieces to whichever runs low first"
+        text += f"; its {moved:,} uncommitted samples were reassigned: {parts}"
+    elif lost:
+        text += f"; {lost:,} samples lost"
+    elif uncommitted == 0:
+        text += "; nothing was left to redo"
+    return text
+
+
+def _verb(event: dict[str, Any]) -> str:
+    return {"timeout": "timed out", "superseded": "was superseded",
+            "abandoned": "was abandoned", "never_joined": "never joined"}.get(
+        str(event.get("kind")), "died")
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Models: the thesis MLP, a small CNN, and seeded initialisation for any module.
+"""Models: the thesis MLP, a small CNN, a small GPT, and seeded initialisation for any module.
 
 Initialisation follows Keras' defaults, as the thesis models used: Glorot-uniform
 weights and zero biases for dense and convolution layers. It draws from a
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distgrad.errors import choose
+from distgrad.models.gpt import GPT
 
 
 class MLP(nn.Sequential):
@@ -56,6 +57,10 @@ def initialize(module: nn.Module, seed: int) -> nn.Module:
     seeded RNG so the global generator is left untouched.
     """
     g = torch.Generator().manual_seed(seed)
+    own = getattr(module, "init_weights", None)
+    if callable(own):  # a model with its own scheme (the GPT): seeded from the same generator
+        own(g)
+        return module
     with torch.no_grad():
         for sub in module.modules():
             if isinstance(sub, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
@@ -70,7 +75,8 @@ def initialize(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn": CNN}
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn": CNN, "gpt": GPT}
+"""Named models; any other model enters by import path (``--model pkg.module:factory``)."""
 
 
 def build_model(name: str, seed: int) -> nn.Module:
@@ -78,4 +84,4 @@ def build_model(name: str, seed: int) -> nn.Module:
     return initialize(MODELS[choose("model", name, MODELS)](), seed)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "build_model", "initialize"]
+__all__ = ["CNN", "GPT", "MLP", "MODELS", "build_model", "initialize"]

@@ -16,7 +16,11 @@ What the core owns:
   anything still arriving from the old attempt is rejected.
 * **positions and resume** — the core counts the samples each worker has committed
   (its *position* in its deterministic batch order). A new attempt resumes from there,
-  so a retried task neither loses nor re-applies a window.
+  so a retried task neither loses nor re-applies a window. A server restarted from a
+  checkpoint fences every attempt that was live (:meth:`ProtocolCore.fence`): they
+  rejoin as new attempts from their checkpointed positions.
+* **liveness** — an attempt silent for the worker timeout is declared dead; a step
+  report of zero samples is a heartbeat (a worker still building its model and shard).
 * **exactly once, for every request kind** — a request carries (worker, attempt, seq).
   The reply to the last answered request is kept: the same request sent again (a lost
   reply) gets the same reply and has no second effect, whether it is a pull, a read, a
@@ -25,10 +29,15 @@ What the core owns:
   re-applied. A commit still waiting at a barrier or at the gate is simply still waiting.
 * **the barrier, the stale-synchronous gate and reads** (the engine-facing protocol of
   :class:`~distgrad.server.ParameterServer`).
-* **validation** — counters, base version and position always; with ``trusted=False``
-  (any transport whose peers are other processes or hosts) also the payload's shape,
-  dtype and finiteness. A rejected request raises :class:`Rejected`, leaves the center
-  exactly as it was, and its reason is what the transport logs and sends back.
+* **validation** — every count against its bounds (see :class:`ProtocolCore`), base
+  version and position always; with ``trusted=False`` (any transport whose peers are
+  other processes or hosts) also the payload's shape, dtype and finiteness. A request
+  that does not fit the protocol's state (an ADAG commit before any pull, a second
+  commit in one round, a pull while held by the gate) is rejected, never raised. A
+  rejected request raises :class:`Rejected`, leaves the center exactly as it was, and
+  its reason is what the transport logs and sends back.
+* **the center guard** — a commit whose application would make the center non-finite
+  is undone by :class:`~distgrad.server.ParameterServer` (bit-identical) and refused.
 
 Not thread-safe: a transport calls it from one thread (or under one lock).
 """
@@ -36,7 +45,6 @@ Not thread-safe: a transport calls it from one thread (or under one lock).
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,22 +64,49 @@ from distgrad.protocol.messages import (
     StatsRequest,
     reply_kind,
 )
-from distgrad.server import CommitRecord, ParameterServer, RoundRecord
+from distgrad.server import (
+    CommitRecord,
+    NonFinite,
+    ParameterServer,
+    Refused,
+    RoundRecord,
+    all_finite,
+)
 
 log = logging.getLogger("distgrad.protocol")
 
+#: the largest count (samples, steps, positions, totals) any request may carry: 2⁴⁰
+#: samples is far beyond any dataset, and keeps every sum of counts exact and cheap
+MAX_COUNT = 1 << 40
+#: how far a sequence number may jump ahead of the last one seen (lost one-way reports)
+MAX_SEQ_GAP = 1 << 20
+#: reasons quoted from a peer are cut to this many characters
+MAX_REASON = 500
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True iff no element is NaN or ±Inf. A finite float32 sum proves it (NaN and Inf
-    propagate through a sum) at the cost of one pass; only a non-finite sum, which may be
-    an overflow of finite values, pays for the exact element-wise check."""
-    if math.isfinite(float(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
+
+def _count(name: str, value: Any, low: int = 0, high: int = MAX_COUNT) -> int:
+    """``value`` as a count in ``[low, high]``, or :class:`Rejected` naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise Rejected(f"{name} must be an integer in [{low}, {high}], got {shown}")
+    return value
 
 
 class Rejected(Exception):
     """A request the server refuses; the message is the reason (logged and sent back)."""
+
+
+#: ends the refusal of an attempt whose slot is dead — declared dead while it was out of
+#: reach, or fenced by a server resumed from a checkpoint: its worker may rejoin as a new
+#: attempt (``distgrad work`` does so by itself). A superseded attempt is not told so.
+REJOIN = "rejoin as a new attempt"
+
+
+def not_live(worker: int, attempt: int, slot: Slot) -> str:
+    """Why ``attempt`` of ``worker`` may not send requests (``slot``: its server state)."""
+    live = slot.attempt if slot.state == "live" else None
+    return (f"attempt {attempt} of worker {worker} is not live (state {slot.state}, live "
+            f"attempt {live})" + (f"; {REJOIN}" if slot.state == "dead" else ""))
 
 
 class EventSink(Protocol):
@@ -101,6 +136,9 @@ class Slot:
     last_seen: float = 0.0
     done_at: float | None = None
     dead_since: float | None = None
+    #: where this worker's pulls are copied when the transport gives no buffer (reused:
+    #: a worker sends its next request only once it has read the previous reply)
+    buffer: torch.Tensor | None = None
 
     @property
     def waiting(self) -> CommitRequest | None:
@@ -124,15 +162,29 @@ class ProtocolCore:
     round (the evaluation schedule). ``clock()`` gives the event time (wall or virtual).
     ``totals``: the samples each worker has to process, when the server knows them.
     ``trusted``: the payloads come from this library's own worker code in the same
-    process or machine (sim, local), so their shape and finiteness are not re-checked —
-    a diverging run is then recorded as diverging instead of being refused.
+    process or machine (sim, local), so their shape and finiteness are not re-checked.
+
+    The center guard (:class:`~distgrad.server.ParameterServer`, ``guard``) holds for
+    trusted transports too: a commit that would make the center non-finite is refused
+    and the center left bit-identical. An untrusted peer gets the refusal; a trusted
+    worker (a diverging run) is answered as if its window had been applied, with nothing
+    applied (a zero reply for rules that use one), and a ``rejected`` fault event records
+    the samples lost — so the run goes on from the last finite center.
+
+    **Bounds.** Every count a request carries is checked against the job before anything
+    changes: sequence numbers grow by at most :data:`MAX_SEQ_GAP`; ``1 <= steps <=
+    samples``; a commit's ``samples`` at most ``max_commit`` (when given) and what is
+    left of the worker's ``total`` (when known); positions only grow and stay within the
+    total; a total a worker reports (Spark) is at most ``max_total``; nothing exceeds
+    :data:`MAX_COUNT`.
     """
 
     def __init__(self, server: ParameterServer, sink: EventSink | None,
                  clock: Callable[[], float], totals: list[int] | None = None,
                  on_update: Callable[[float, int, int], None] | None = None,
                  trusted: bool = False,
-                 schedule: list[tuple[str, int]] | None = None) -> None:
+                 schedule: list[tuple[str, int]] | None = None,
+                 max_total: int | None = None, max_commit: int | None = None) -> None:
         self.server = server
         self.sink = sink
         self.clock = clock
@@ -140,6 +192,8 @@ class ProtocolCore:
         self.trusted = trusted
         self.parameters = int(server.center.numel())
         self.slots = [Slot() for _ in range(server.workers)]
+        self.max_total = MAX_COUNT if max_total is None else min(int(max_total), MAX_COUNT)
+        self.max_commit = MAX_COUNT if max_commit is None else min(int(max_commit), MAX_COUNT)
         if totals is not None:
             if len(totals) != server.workers:
                 raise ValueError(f"{len(totals)} totals for {server.workers} workers")
@@ -210,16 +264,14 @@ class ProtocolCore:
 
     # ------------------------------------------------------------------ helpers
     def _check_worker(self, worker: int) -> Slot:
-        if not 0 <= worker < len(self.slots):
+        if not isinstance(worker, int) or not 0 <= worker < len(self.slots):
             raise Rejected(f"worker id {worker} out of range 0..{len(self.slots) - 1}")
         return self.slots[worker]
 
     def _live(self, worker: int, attempt: int) -> Slot:
         slot = self._check_worker(worker)
         if slot.state != "live" or slot.attempt != attempt:
-            live = slot.attempt if slot.state == "live" else None
-            raise Rejected(f"attempt {attempt} of worker {worker} is not live "
-                           f"(state {slot.state}, live attempt {live})")
+            raise Rejected(not_live(worker, attempt, slot))
         return slot
 
     def _begin(self, req: Request) -> tuple[Slot | None, list[Reply]]:
@@ -237,11 +289,21 @@ class ProtocolCore:
             if waiting is not None and waiting.seq == req.seq:
                 return None, []  # still at the barrier or the gate; answered when released
         slot = self._live(req.worker, req.attempt)
-        if req.seq <= slot.seq:
-            raise Rejected(f"stale sequence number {req.seq} (already saw {slot.seq})")
+        self._check_seq(slot, req.seq)
         slot.seq = req.seq
         slot.last_seen = self.clock()
         return slot, []
+
+    @staticmethod
+    def _check_seq(slot: Slot, seq: int) -> None:
+        """A new request's sequence number: above the last one seen, by a bounded gap (an
+        attempt's first request may start anywhere: a resumed driver keeps counting)."""
+        _count("sequence number", seq, 0, 1 << 62)
+        if seq <= slot.seq:
+            raise Rejected(f"stale sequence number {seq} (already saw {slot.seq})")
+        if slot.seq >= 0 and seq > slot.seq + MAX_SEQ_GAP:
+            raise Rejected(f"sequence number {seq} jumps more than {MAX_SEQ_GAP} past the "
+                           f"last one seen ({slot.seq})")
 
     def _answer(self, slot: Slot, reply: Reply) -> Reply:
         slot.answered = reply
@@ -258,7 +320,10 @@ class ProtocolCore:
     def _pull_into(self, worker: int, into: torch.Tensor | None, record: bool = True
                    ) -> tuple[int, torch.Tensor]:
         if into is None:
-            into = torch.empty(self.parameters, dtype=torch.float32)
+            slot = self.slots[worker]
+            if slot.buffer is None:  # a fresh 4n bytes per pull costs page faults
+                slot.buffer = torch.empty(self.parameters, dtype=torch.float32)
+            into = slot.buffer
         return self.server.pull(worker, into, record=record), into
 
     def _base(self, worker: int) -> int:
@@ -322,7 +387,10 @@ class ProtocolCore:
                            f"{slot.attempt} already joined")
         # A finished worker may come back (a Spark stage re-run after another task
         # failed): it resumes at its end, has nothing left to train and says done again.
+        _count("attempt", attempt, 0, 1 << 62)
         if total is not None:
+            _count(f"the samples worker {worker} reports to process", total,
+                   0, self.max_total)
             if slot.total is not None and slot.total != total:
                 raise Rejected(f"worker {worker} reports {total} samples to process, "
                                f"the server expects {slot.total}")
@@ -365,14 +433,25 @@ class ProtocolCore:
                                          kind="read" if not req.record else "pull"))]
 
     def stats(self, req: StatsRequest) -> None:
-        """One local step of the live attempt; a repeated report is counted once."""
+        """One local step of the live attempt; a repeated report is counted once.
+
+        A report of zero samples is a *heartbeat*: the attempt is alive but has no step to
+        report (a worker building its model and data shard before its first request, which
+        may take longer than the worker timeout on a loaded host). It only renews the
+        attempt's liveness; its sequence number is not checked or kept."""
         slot = self._live(req.worker, req.attempt)
-        if req.seq <= slot.seq:
+        samples = getattr(req.stats, "samples", None)
+        if type(samples) is int and samples == 0:
+            slot.last_seen = self.clock()
+            return
+        if isinstance(req.seq, int) and req.seq <= slot.seq:
             return  # a duplicate of a one-way report
+        self._check_seq(slot, req.seq)
         s = req.stats
-        if not (isinstance(s.samples, int) and 1 <= s.samples <= 1 << 31
+        if not (isinstance(s.samples, int) and isinstance(s.correct, int)
+                and isinstance(s.loss, float | int) and 1 <= s.samples <= 1 << 31
                 and 0 <= s.correct <= s.samples):
-            raise Rejected(f"bad step stats {s}")
+            raise Rejected(f"bad step stats {str(s)[:200]}")
         slot.seq = req.seq
         slot.last_seen = self.clock()
         slot.uncommitted += s.samples
@@ -387,8 +466,11 @@ class ProtocolCore:
         if slot is None:
             return again
         t = slot.last_seen
-        if req.steps < 1 or req.samples < 0:
-            raise Rejected(f"bad commit counters steps={req.steps} samples={req.samples}")
+        samples = _count("commit samples", req.samples, 0, self.max_commit)
+        _count("commit steps", req.steps, 1, max(samples, 1))
+        _count("commit position", req.position)
+        _count("commit base version", req.base_version)
+        _count("commit byte count", req.nbytes)
         if not self.trusted:
             self._check_tensor("commit payload", req.payload)
             if req.stale is not None:
@@ -406,7 +488,7 @@ class ProtocolCore:
             raise Rejected(f"commit built on version {req.base_version}, but worker "
                            f"{req.worker} last pulled version {self._base(req.worker)} "
                            "(stale or replayed)")
-        end = slot.position + req.samples
+        end = slot.position + samples
         if req.position != end:
             if req.position <= slot.position:
                 log.info("worker %d: window ending at sample %d is already applied; "
@@ -414,18 +496,34 @@ class ProtocolCore:
                 return [self._answer(slot, self._commit_reply(req, server.version,
                                                               duplicate=True))]
             raise Rejected(f"commit ends at sample {req.position}, expected {end} "
-                           f"({slot.position} committed + {req.samples})")
-        if slot.total is not None and end > slot.total:
-            raise Rejected(f"commit ends at sample {end}, past the {slot.total} samples "
+                           f"({slot.position} committed + {samples})")
+        if end > (self.max_total if slot.total is None else slot.total):
+            raise Rejected(f"commit ends at sample {end}, past the "
+                           f"{self.max_total if slot.total is None else slot.total} samples "
                            f"worker {req.worker} has to process")
-        slot.position = end
-        slot.uncommitted = 0
+        rule = server.rule
+        if (rule.needs_stale_center and req.stale is None and not rule.exchange
+                and not server.has_stale(req.worker)):
+            raise Rejected(f"{type(rule).__name__} needs the center worker {req.worker} "
+                           "pulled, but it has not pulled and sent none (commit before "
+                           "any pull)")
         if self.synchronous:
+            if server.in_round(req.worker):  # an earlier attempt's commit is in the round
+                raise Rejected(f"worker {req.worker} already has a commit in the open round "
+                               f"(from an earlier attempt); commit again once round "
+                               f"{server.version + 1} is complete")
+            slot.position, slot.uncommitted = end, 0
             slot.parked = req
             self.round_bytes += req.nbytes
             return self._round_done(server.submit(req.worker, req.payload, req.steps,
-                                                  req.samples), t)
-        rec = server.commit(req.worker, req.payload, req.steps, req.samples, req.stale)
+                                                  samples), t)
+        try:
+            rec = server.commit(req.worker, req.payload, req.steps, samples, req.stale)
+        except Refused as exc:
+            if not (self.trusted and isinstance(exc, NonFinite)):
+                raise Rejected(str(exc)) from None
+            return self._dropped(slot, req, end, str(exc), t)
+        slot.position, slot.uncommitted = end, 0
         if self.sink is not None:
             self.sink.commit(t, rec, nbytes=req.nbytes)
         self._updated(t)
@@ -435,11 +533,30 @@ class ProtocolCore:
         reply = self._answer(slot, self._commit_reply(req, rec.version))
         return [reply, *self._released()]
 
+    def _dropped(self, slot: Slot, req: CommitRequest, end: int, reason: str, t: float
+                 ) -> list[Reply]:
+        """A trusted worker's commit the center guard refused (its training diverged): the
+        window is dropped — its samples lost, nothing applied — and the worker is answered
+        so it goes on from the center; a rule that uses the reply gets a zero update."""
+        log.warning("worker %d: commit %d dropped: %s", req.worker, req.seq, reason)
+        slot.position, slot.uncommitted = end, 0
+        if self.sink is not None:
+            self.sink.fault(t, req.worker, "rejected", samples_lost=req.samples,
+                            reason=reason)
+        if req.want_reply:
+            req.payload.zero_()
+        reply = self._answer(slot, self._commit_reply(req, self.server.version))
+        return [reply, *self._released()]
+
     def _applied(self, slot: Slot, req: CommitRequest, t: float) -> list[Reply]:
         """A lock-free commit the worker added into the shared center itself."""
         if not self.server.rule.lock_free:
             raise Rejected(f"worker {req.worker} applied a commit itself, but "
                            f"{type(self.server.rule).__name__} is not lock-free")
+        total = self.max_total if slot.total is None else slot.total
+        if slot.position + req.samples > total:
+            raise Rejected(f"commit ends at sample {slot.position + req.samples}, past the "
+                           f"{total} samples worker {req.worker} has to process")
         slot.position += req.samples
         slot.uncommitted = 0
         rec = self.server.record_unlocked_commit(req.worker, req.steps, req.samples)
@@ -452,6 +569,14 @@ class ProtocolCore:
     def _round_done(self, rec: RoundRecord | None, t: float) -> list[Reply]:
         if rec is None:
             return []
+        if rec.rejected:  # the center guard refused the round: nothing applied
+            log.warning("round of workers %s dropped: %s", list(rec.participants),
+                        rec.rejected)
+            if self.sink is not None:
+                for p in rec.participants:
+                    parked = self.slots[p].parked
+                    self.sink.fault(t, p, "rejected", reason=rec.rejected,
+                                    samples_lost=parked.samples if parked else 0)
         if self.sink is not None:
             self.sink.round(t, rec, nbytes=self.round_bytes)
         self.round_bytes = 0
@@ -487,12 +612,12 @@ class ProtocolCore:
         slot, again = self._begin(req)
         if slot is None:
             return again
-        log.warning("worker %d attempt %d failed: %s", req.worker, req.attempt,
-                    req.reason[:500])
+        reason = str(req.reason)[:MAX_REASON]
+        log.warning("worker %d attempt %d failed: %r", req.worker, req.attempt, reason)
         ack = self._answer(slot, Reply(req.worker, req.attempt, req.seq, self.server.version,
                                        self._base(req.worker), kind="fail"))
-        if req.reason:
-            extra.setdefault("reason", req.reason[:500])
+        if reason:
+            extra.setdefault("reason", reason)
         return [ack, *self._die(req.worker, req.kind, samples_lost, **extra)]
 
     def crash(self, worker: int, kind: str = "crash", samples_lost: int | None = None,
@@ -565,6 +690,30 @@ class ProtocolCore:
                 setattr(slot, k, v)
             slot.answered, slot.parked, slot.gated = None, None, None
         self.round_bytes = int(state["round_bytes"])
+
+    def fence(self) -> list[int]:
+        """After a restart from a checkpoint whose workers kept running elsewhere (a
+        network server that died and was resumed): fence every attempt that was live.
+
+        What such an attempt did after the checkpoint — commits applied to the lost
+        center, pulls, its replica, its rule and optimizer state — is unknown here, so
+        none of it may be taken back: its reconnection (or a resend of its in-flight
+        commit) is refused as "not live", and the worker rejoins as a new attempt that
+        starts from its checkpointed position (its samples after that position are
+        trained again, and each is committed once, into the restored center). The
+        fenced slots are ``dead`` from now (not a fault: no sample is lost), so they wait
+        for their workers like any dead slot (a barrier does not wait for them). Returns
+        the fenced worker ids. (Nothing waits at a barrier or the gate in a checkpoint
+        and nobody is connected yet, so no reply is due.)"""
+        now = self.clock()
+        fenced = []
+        for k, slot in enumerate(self.slots):
+            if slot.state == "live":
+                slot.state, slot.dead_since, slot.last_seen = "dead", now, now
+                slot.uncommitted, slot.answered = 0, None
+                self._leave(k, now)
+                fenced.append(k)
+        return fenced
 
     # ------------------------------------------------------------------ views
     def finished(self) -> bool:

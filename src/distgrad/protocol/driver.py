@@ -8,7 +8,7 @@ replies back into the worker's buffers. Every engine's worker side is this drive
 
 * ``sim`` steps :meth:`WorkerDriver.requests` from its event heap (no channel: it hands
   the requests to the core in the same process);
-* ``local`` over a pipe and shared-memory buffers, ``net`` and ``spark`` over ZeroMQ,
+* ``local`` over a pipe and shared-memory buffers, ``net`` and ``spark`` over TCP,
   ``ray`` over actor calls: :func:`drive` with their channel.
 """
 
@@ -110,7 +110,7 @@ class WorkerDriver:
                     samples=req.samples, position=position, payload=req.payload,
                     stale=req.stale_center, want_reply=self.uses_reply,
                     want_pull=req.pull_into is not None, pull_into=req.pull_into,
-                    nbytes=req.nbytes)
+                    nbytes=req.nbytes, encoded=req.encoded)
                 assert r is not None
                 if self.uses_reply:
                     _take(r.reply, req.payload, "reply payload")

@@ -15,6 +15,7 @@ allocates one).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,6 +67,9 @@ class CommitRequest(Request):
     want_pull: bool = False
     pull_into: torch.Tensor | None = None
     nbytes: int = 0
+    #: the compressed message of ``payload`` (a :class:`distgrad.compression.Encoded`)
+    #: when the worker compresses: a network transport sends its bytes
+    encoded: Any = None
     applied: bool = False  # lock-free: the worker already added it into the center
 
 

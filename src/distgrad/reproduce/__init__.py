@@ -23,8 +23,10 @@ from distgrad.reproduce.momentum import MOMENTUM
 from distgrad.reproduce.report import machine, write_report
 from distgrad.reproduce.runner import execute_runs, load_runs, train_command
 from distgrad.reproduce.spec import SCALES, Claim, Experiment, Results, Verdict
+from distgrad.reproduce.timing_exps import TIMING_ORDER, WALL_TIME
 
-_ALL: tuple[Experiment, ...] = (E1, E2, E3, E4, E6, E7, STALENESS, BEALE, MOMENTUM)
+_ALL: tuple[Experiment, ...] = (E1, E2, E3, E4, E6, E7, STALENESS, BEALE, MOMENTUM,
+                                TIMING_ORDER, WALL_TIME)
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in _ALL}
 
 
@@ -50,8 +52,16 @@ class Outcome:
 
 def run_experiment(name: str, *, scale: str = "quick", out: str | Path, engine: str = "sim",
                    runs_dir: str | Path | None = None, command: str | None = None,
-                   log: Callable[[str], None] | None = None) -> Outcome:
-    """Run (or reuse) an experiment's runs and write ``out/report.md`` and its figures."""
+                   log: Callable[[str], None] | None = None,
+                   reuse_stale: bool = False, archive: str | Path | None = None,
+                   available_only: bool = False) -> Outcome:
+    """Run (or reuse) an experiment's runs and write ``out/report.md`` and its figures.
+
+    ``reuse_stale``: keep runs made by code with another fingerprint (marked stale).
+    ``archive``: a directory of compact run copies (:mod:`distgrad.reproduce.archive`):
+    runs missing from the runs directory are read from it, and runs finished here are
+    copied into it. ``available_only``: train nothing; report on the finished runs (the
+    claims that need an unfinished one are "not tested")."""
     exp = get_experiment(name)
     choose("scale", scale, SCALES)
     out = Path(out)
@@ -65,8 +75,11 @@ def run_experiment(name: str, *, scale: str = "quick", out: str | Path, engine: 
         results = exp.execute(exp, scale, out, exp.seed)
         commands = None
     else:
-        execute_runs(exp, scale, runs, engine=engine, log=logger)
-        results = load_runs(exp, scale, runs)
+        arch = Path(archive) if archive is not None else None
+        if not available_only:
+            execute_runs(exp, scale, runs, engine=engine, log=logger, reuse_stale=reuse_stale,
+                         archive=arch)
+        results = load_runs(exp, scale, runs, allow_missing=available_only, archive=arch)
         setup = exp.setup(scale)
         commands = [(s.label, c) for s in exp.run_specs(scale)
                     if (c := train_command(s, setup, exp.seed, engine)) is not None]

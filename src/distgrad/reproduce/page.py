@@ -53,9 +53,63 @@ def thesis_inconsistencies() -> list[str]:
     ]
 
 
+def _key(o: Outcome, claim_id: str) -> tuple[str, str]:
+    return (o.experiment.name, claim_id)
+
+
+def discussion(outcomes: list[Outcome], compare: list[Outcome] | None = None) -> list[str]:
+    """The page's discussion, generated from the verdicts: what holds, what does not (with
+    our numbers and the hand-written *why* of :mod:`distgrad.reproduce.explanations`, marked
+    as such), what is not tested, and — given ``compare``, the outcomes at another scale —
+    which verdicts changed between the scales."""
+    from distgrad.reproduce.explanations import WHY
+
+    held = [(o, c, v) for o in outcomes for c, v in o.verdicts if v.holds]
+    failed = [(o, c, v) for o in outcomes for c, v in o.verdicts if v.holds is False]
+    untested = [(o, c, v) for o in outcomes for c, v in o.verdicts if v.holds is None]
+    lines = ["## What we confirm, what we do not, and why", "",
+             "*Generated from the verdicts in the table above. Text after \"why "
+             "(hand-written)\" comes from `src/distgrad/reproduce/explanations.py`, carries no "
+             "numbers of its own and is not recomputed by a rerun.*", ""]
+    by_exp: dict[str, list[str]] = {}
+    for o, c, _ in held:
+        by_exp.setdefault(o.experiment.name, []).append(c.id)
+    lines.append(f"**Confirmed ({len(held)}).** " + "; ".join(
+        f"`{name}`: {', '.join(ids)}" for name, ids in by_exp.items()) + ".")
+    lines += ["", f"**Not confirmed ({len(failed)}).**", ""]
+    for o, c, v in failed:
+        why = WHY.get(c.id)
+        lines.append(f"* **{c.id}** (`{o.experiment.name}`, `{o.results.scale}`): "
+                     f"{_escape(c.text)}. Thesis: {c.thesis}. Ours: {v.ours}."
+                     + (f" *Why (hand-written): {why}*" if why else ""))
+    lines += ["", f"**Not tested ({len(untested)}).**", ""]
+    for o, c, v in untested:
+        lines.append(f"* **{c.id}** (`{o.experiment.name}`): {v.ours}"
+                     + (f" — {v.note}" if v.note else "") + ".")
+    if compare:
+        other = {_key(o, c.id): (o.results.scale, v) for o in compare for c, v in o.verdicts}
+        changed = [(o, c, v, other[_key(o, c.id)]) for o in outcomes for c, v in o.verdicts
+                   if _key(o, c.id) in other and other[_key(o, c.id)][1].holds != v.holds]
+        lines += ["", "## Verdicts that changed between scales", ""]
+        if not changed:
+            lines.append("None of the claims tested at both scales changed verdict.")
+        for o, c, v, (scale, w) in changed:
+            why = WHY.get(c.id)
+            lines.append(f"* **{c.id}** (`{o.experiment.name}`): {w.label} at `{scale}` "
+                         f"({w.ours}) → {v.label} at `{o.results.scale}` ({v.ours})."
+                         + (f" *Why (hand-written): {why}*" if why else ""))
+    lines.append("")
+    return lines
+
+
 def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
-               discussion: Path | None = None) -> Path:
-    """Write ``page`` and copy every figure into ``<page dir>/reproduction/``."""
+               discussion_file: Path | None = None,
+               compare: list[Outcome] | None = None) -> Path:
+    """Write ``page`` and copy every figure into ``<page dir>/reproduction/``.
+
+    ``compare``: the same experiments' outcomes at another scale (from finished runs): the
+    claim table gets a column with their verdicts and the discussion lists what changed.
+    ``discussion_file``: hand-written markdown, inserted under a heading that says so."""
     page.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = page.parent / "reproduction"
     fig_dir.mkdir(exist_ok=True)
@@ -86,18 +140,28 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         lines += [f"> `{scale}` runs shorten the thesis' 40 epochs (see each experiment's "
                   "setup) and shrink its grids; a verdict at this scale is about the start of "
                   "training. `distgrad reproduce NAME --scale full` follows the thesis.", ""]
+    other = {_key(o, c.id): (o.results.scale, v) for o in compare or [] for c, v in o.verdicts}
+    extra = " other scale: ours, verdict |" if other else ""
     lines += ["## All claims", "",
-              "| experiment | scale | claim | condition | thesis | ours | verdict |",
-              "|---|---|---|---|---|---|---|"]
+              "| experiment | scale | claim | condition | thesis | ours | verdict |" + extra,
+              "|---|---|---|---|---|---|---|" + ("---|" if other else "")]
     for o in outcomes:
         for claim, v in o.verdicts:
-            lines.append(f"| [{o.experiment.name}](#{o.experiment.name}) | {o.results.scale} "
-                         f"| {claim.id} | "
-                         f"{_escape(claim.text)} | {_escape(claim.thesis)} | {_escape(v.ours)} | "
-                         f"{HOLDS_MARK[v.holds]} |")
+            row = (f"| [{o.experiment.name}](#{o.experiment.name}) | {o.results.scale} "
+                   f"| {claim.id} | "
+                   f"{_escape(claim.text)} | {_escape(claim.thesis)} | {_escape(v.ours)} | "
+                   f"{HOLDS_MARK[v.holds]} |")
+            if other:
+                s, w = other.get(_key(o, claim.id), (None, None))
+                row += (" – |" if w is None
+                        else f" `{s}`: {_escape(w.ours)}, {HOLDS_MARK[w.holds]} |")
+            lines.append(row)
     lines.append("")
-    if discussion is not None:
-        lines += [discussion.read_text().strip(), ""]
+    lines += discussion(outcomes, compare)
+    if discussion_file is not None:
+        lines += ["## Notes (hand-written)", "",
+                  f"*From `{discussion_file.as_posix()}`, written by hand: its numbers are not "
+                  "recomputed by a rerun.*", "", discussion_file.read_text().strip(), ""]
     lines += ["## Where the thesis' own numbers do not add up", ""]
     lines += [f"- {item}" for item in thesis_inconsistencies()]
     lines += ["", "## The experiments", ""]

@@ -23,9 +23,32 @@ def num(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _partial(results: Results, fn: Any, fallback: Any) -> Any:
+    """``fn(results)``; with runs missing, ``fallback`` where it needs one of them (or has
+    nothing to show)."""
+    if not results.data.get("missing"):
+        return fn(results)
+    try:
+        return fn(results)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError):
+        return fallback
+
+
 def evaluate_claims(results: Results) -> list[tuple[Claim, Verdict]]:
-    """Every claim of the experiment with its verdict on these results."""
-    return [(c, c.check(results)) for c in results.experiment.claims]
+    """Every claim of the experiment with its verdict on these results. With runs missing
+    (a partial, resumable experiment), a claim that needs one is "not tested"."""
+    missing = results.data.get("missing") or []
+    out = []
+    for c in results.experiment.claims:
+        try:
+            out.append((c, c.check(results)))
+        except (KeyError, ValueError, IndexError, ZeroDivisionError):
+            if not missing:
+                raise
+            out.append((c, Verdict(f"{len(missing)} run(s) not finished yet", None,
+                                   "waiting for " + ", ".join(missing[:4])
+                                   + (" …" if len(missing) > 4 else ""))))
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -78,8 +101,9 @@ def runs_table(results: Results) -> str:
     for label, run in results.runs.items():
         s = run.summary
         virtual = s.get("virtual_seconds")
+        name = label + (" (STALE: older code)" if run.stale else "")
         rows.append(
-            f"| {label} | {s['algorithm']} | {s['workers']} | {s['window']} | {s['epochs']} | "
+            f"| {name} | {s['algorithm']} | {s['workers']} | {s['window']} | {s['epochs']} | "
             f"{s['commits']} | {num(s.get('staleness_mean'), 1)} | "
             f"{'n/a' if virtual is None else f'{virtual:.1f}'} | {s['wall_seconds']:.0f} | "
             f"{pct(s.get('test_accuracy'))} | {pct(s.get('train_accuracy'))} | "
@@ -118,20 +142,31 @@ def render(results: Results, verdicts: list[tuple[Claim, Verdict]],
         lines.append(f"*Machine:* {machine_line(machine_info)}  ")
     if command:
         lines.append(f"*Command:* `{command}`")
+    missing = results.data.get("missing") or []
+    if missing:
+        lines += ["", f"> **Partial:** {len(results.runs)} of {len(results.runs) + len(missing)} "
+                  f"runs finished at scale `{results.scale}`; the claims below use those only. "
+                  f"Not finished yet: {', '.join(missing)}."]
     lines += ["", f"{sub} Claims", "", claims_table(verdicts), ""]
     if results.scale == "tiny":
         lines += ["> Scale `tiny` is a smoke test of the pipeline: its numbers say nothing "
                   "about the thesis.", ""]
     for table in exp.tables:
-        lines += [f"{sub} {table.title}", "", table.render(results), ""]
+        lines += [f"{sub} {table.title}", "", _partial(results, table.render,
+                                                       "*(waiting for unfinished runs)*"), ""]
     if results.runs:
         lines += [f"{sub} Runs", "", runs_table(results), ""]
         lines += ["*test acc. (center)* is the thesis' \"validation accuracy\" (the center on "
                   "the 10,000 test images); *train acc. (center)* evaluates the center on every "
                   "training image used; *last-batch train acc.* is the thesis' \"training "
                   "accuracy\": the mean over workers of each worker's last mini-batch accuracy. "
-                  "Times are virtual seconds of the simulator (compute only, no network or "
-                  "server cost).", ""]
+                  "*virtual s* are seconds of the simulator's clock (compute only unless the "
+                  "run has a cost model); *wall s* is the host's time to simulate the run.", ""]
+        stale = [label for label, run in results.runs.items() if run.stale]
+        if stale:
+            lines += [f"> **Stale:** {', '.join(stale)} were made by code whose result-"
+                      "affecting source differs from this code's (see "
+                      "`distgrad.reproduce.provenance`); rerun without `--reuse-stale`.", ""]
     if figures:
         lines += [f"{sub} Figures", ""]
         for file, caption in figures:
@@ -156,9 +191,11 @@ def write_report(results: Results, out: Path, *, command: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     verdicts = evaluate_claims(results)
     figures = []
-    for fig in results.experiment.figures:
-        fig.draw(results, out / fig.file)
-        figures.append((fig.file, fig.caption))
+    no_runs = results.experiment.execute is None and not results.runs
+    for fig in () if no_runs else results.experiment.figures:
+        if _partial(results, lambda r, fig=fig: fig.draw(r, out / fig.file) or "drawn",
+                    None) is not None:
+            figures.append((fig.file, fig.caption))
     text = render(results, verdicts, figures, command=command, machine_info=machine_info,
                   commands=commands)
     path = out / "report.md"

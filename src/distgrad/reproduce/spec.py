@@ -97,9 +97,19 @@ class RunSpec:
             parts.append(f"{self.inner_optimizer}{_short(self.lr)}")
         if self.timing != Timing():
             parts.append(f"t{self.timing.model[:3]}")
+            if self.timing.server_time or self.timing.commit_time:
+                parts.append(f"cost{self.timing.server_time:g}+{self.timing.commit_time:g}")
         parts += [f"e{self.epochs_at(setup)}", self.model_name(setup)]
         if setup.train_samples:
             parts.append(f"s{setup.train_samples}")
+        # what else changes the run directory's contents (two experiments may share a job
+        # apart from these, e.g. E1 and the staleness histograms)
+        if not setup.record_batches:
+            parts.append("nobatch")
+        if setup.eval_every != 0.25:
+            parts.append(f"ev{setup.eval_every:g}")
+        if setup.track_distance:
+            parts.append("dist")
         parts.append(f"seed{seed}")
         return "-".join(parts)
 
@@ -220,6 +230,8 @@ class RunData:
     summary: dict[str, Any]
     events: list[dict[str, Any]]
     path: Path | None = None
+    #: made by code whose result-affecting source differs from this code's
+    stale: bool = False
 
     @property
     def step_time(self) -> float:

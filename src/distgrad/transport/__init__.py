@@ -1,13 +1,15 @@
-"""Network transport for the parameter server (ZeroMQ, typed frames, shared-secret HMAC).
+"""Network transport for the parameter server (TCP, typed frames, AES-256-GCM sessions).
 
 * :mod:`~distgrad.transport.frames` — the wire format (no pickle);
 * :mod:`~distgrad.transport.auth` — the handshake and session keys;
-* :mod:`~distgrad.transport.server` — :class:`NetServer` (ZeroMQ ROUTER in front of
+* :mod:`~distgrad.transport.seal` — sealing and opening messages (AES-256-GCM);
+* :mod:`~distgrad.transport.buffers` — reused message buffers (no copy, no page faults);
+* :mod:`~distgrad.transport.server` — :class:`NetServer` (non-blocking TCP in front of
   :class:`~distgrad.protocol.core.ProtocolCore`, which owns validation, attempts,
   resume and exactly-once);
 * :mod:`~distgrad.transport.client` — :class:`NetClient` and :func:`run_worker`.
 
-pyzmq is imported only when a server or client is built.
+The server and client modules are imported only when a server or client is built.
 """
 
 from __future__ import annotations

@@ -1,25 +1,31 @@
-"""Wire format: a fixed typed header, a MAC, and raw payload bytes. No pickle, ever.
+"""Wire format: a fixed typed header, a header tag, and a sealed body. No pickle, ever.
 
-A message is exactly three ZeroMQ frames::
+Messages travel over one TCP connection as a byte stream; each message is::
 
-    [header (HEADER.size bytes), mac (32 bytes, empty before authentication), payload]
+    header (HEADER.size bytes) | header tag (16 bytes) | body (body_size(length) bytes)
 
 The header is a little-endian C struct (:data:`HEADER`) with the message kind,
-flags, worker id, attempt, sequence number, session id, version, commit
-counters, payload dtype, shape and byte length. The payload is the raw bytes of
-a float32/float64 array (row-major, the shape in the header) or UTF-8 JSON.
-:func:`decode` checks everything a peer could get wrong — magic, protocol
-version, kind, dtype, rank, dims, that the length matches the shape, that it is
-under the receiver's limit, and that the payload frame really holds that many
-bytes — and raises :class:`FrameError` naming the problem. It never raises
-anything else on any input (a property test feeds it arbitrary bytes).
+flags, worker id, attempt, sequence number, the sender's message counter, version,
+commit counters, payload dtype, shape and the payload's byte length. Because the
+size of everything that follows is in the fixed-size header, a receiver knows a
+message's size before it reads (and allocates) anything more, and refuses it
+unread if it is over its limit for that peer (a few KiB before authentication).
+The body is the payload plus, in the ``encrypt`` and ``integrity`` protection
+modes, one 16-byte AEAD tag per :data:`CHUNK` bytes of payload (see
+:mod:`distgrad.transport.seal`). Before authentication the header tag is zeros
+and the body is the bare payload.
+
+Payloads are raw float32/float64 arrays (row-major, the shape in the header), raw
+bytes (a compressed commit), or UTF-8 JSON. :func:`decode_header` checks everything
+a peer could get wrong — magic, protocol version, kind, dtype, rank, dims, that the
+length matches the shape and is under the receiver's limit — and raises
+:class:`FrameError` naming the problem. It never raises anything else on any input
+(a property test feeds it arbitrary bytes); neither does :func:`as_json`.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import math
 import struct
@@ -28,28 +34,36 @@ from typing import Any
 
 import numpy as np
 
-MAGIC = b"DGT1"
-MAC_SIZE = 32
+MAGIC = b"DGT2"
+#: bytes of the header tag, and of each chunk tag (AES-GCM's tag size)
+TAG = 16
 MAX_DIMS = 4
-#: JSON payloads (hello, welcome with the job, errors) are small; anything bigger is refused
+#: payload bytes sealed under one chunk tag (chunks are sealed on a thread pool)
+CHUNK = 1 << 20
+#: JSON payloads (welcome with the job, errors) are small; anything bigger is refused
 MAX_JSON = 1 << 20
+#: the largest message a peer may send before it authenticated (HELLO, AUTH)
+MAX_PREAUTH = 4096
+#: the most a refusal reason or a logged peer string may hold (characters)
+MAX_REASON = 200
 
-#: magic, kind, flags, dtype, ndim, worker, attempt, seq, session, version, steps, samples,
+#: magic, kind, flags, dtype, ndim, worker, attempt, seq, counter, version, steps, samples,
 #: position, value, shape[4], length
 HEADER = struct.Struct("<4sBBBBiqqQqqqqd4qQ")
+PREAMBLE = HEADER.size + TAG
 
 
 class Kind(enum.IntEnum):
     """Message kinds. c→s: requests from a worker; s→c: the server's replies."""
 
-    HELLO = 1  # c→s  JSON {nonce, worker, attempt}; no MAC
-    CHALLENGE = 2  # s→c  JSON {nonce}
-    AUTH = 3  # c→s  mac = proof of the secret; no payload
-    WELCOME = 4  # s→c  JSON {proof, session, worker, attempt, position, parameters, job, ...}
-    REJECT = 5  # s→c  JSON {reason}
+    HELLO = 1  # c→s  JSON {nonce, worker, attempt, total, protection, resume}; unsealed
+    CHALLENGE = 2  # s→c  JSON {nonce}; unsealed
+    AUTH = 3  # c→s  JSON {proof}; unsealed
+    WELCOME = 4  # s→c  JSON {proof, worker, attempt, position, parameters, job, ...}; sealed
+    REJECT = 5  # s→c  JSON {reason}; sealed after authentication
     PULL = 6  # c→s  no payload
     PULLED = 7  # s→c  float32 (1, n): the center; version = its version
-    COMMIT = 8  # c→s  float32 (rows, n): payload [, stale center]
+    COMMIT = 8  # c→s  float32 (rows, n): payload [, stale center]; or BYTES (compressed)
     COMMITTED = 9  # s→c  float32 (rows, n) or empty: [reply payload] [, pulled center]
     STATS = 10  # c→s  one local step: value = loss, steps = correct, samples; one-way
     DONE = 11  # c→s  the worker finished its data
@@ -64,7 +78,7 @@ class Flag(enum.IntFlag):
     REPLY = 1
     #: COMMIT: pull right after the commit; COMMITTED: the pulled center is the last row
     PULL = 2
-    #: COMMIT: row 1 is the stale center θ̃_{t−τ} the payload was built on
+    #: COMMIT: the stale center θ̃_{t−τ} the payload was built on follows the payload
     STALE = 4
     #: PULL: a read — the server does not move the worker's pull clock
     READ = 8
@@ -72,15 +86,23 @@ class Flag(enum.IntFlag):
     AGAIN = 16
 
 
+_FLAGS = int(Flag.REPLY | Flag.PULL | Flag.STALE | Flag.READ | Flag.AGAIN)
+
+
 class DType(enum.IntEnum):
     NONE = 0
     F32 = 1
     F64 = 2
     JSON = 3
+    #: raw bytes (a compressed commit in the job's codec, see :mod:`distgrad.compression`)
+    BYTES = 4
 
 
 _NUMPY = {DType.F32: np.dtype("<f4"), DType.F64: np.dtype("<f8")}
-_ITEMSIZE = {DType.NONE: 0, DType.F32: 4, DType.F64: 8, DType.JSON: 1}
+_ITEMSIZE = {DType.NONE: 0, DType.F32: 4, DType.F64: 8, DType.JSON: 1, DType.BYTES: 1}
+#: protection modes: encrypt (AES-256-GCM over every byte), integrity (GMAC over every byte,
+#: payload in clear), header (GMAC over the header only)
+PROTECTIONS = ("encrypt", "integrity", "header")
 
 
 class FrameError(ValueError):
@@ -98,7 +120,7 @@ class Header:
     worker: int = -1
     attempt: int = 0
     seq: int = 0
-    session: int = 0
+    counter: int = 0
     version: int = 0
     steps: int = 0
     samples: int = 0
@@ -110,6 +132,13 @@ class Header:
         if self.length < 0:
             object.__setattr__(self, "length", payload_length(self.dtype, self.shape))
 
+    def replace(self, **changes: Any) -> Header:
+        """A copy with ``changes`` (the length is recomputed when dtype or shape change)."""
+        fields = {**self.__dict__, **changes}
+        if ("dtype" in changes or "shape" in changes) and "length" not in changes:
+            fields["length"] = -1
+        return Header(**fields)
+
     def pack(self) -> bytes:
         if len(self.shape) > MAX_DIMS:
             raise FrameError(f"at most {MAX_DIMS} dimensions, got shape {self.shape}")
@@ -117,7 +146,7 @@ class Header:
         try:
             return HEADER.pack(MAGIC, int(self.kind), int(self.flags), int(self.dtype),
                                len(self.shape), self.worker, self.attempt, self.seq,
-                               self.session, self.version, self.steps, self.samples,
+                               self.counter, self.version, self.steps, self.samples,
                                self.position, self.value, *dims, self.length)
         except struct.error as exc:
             raise FrameError(f"header field out of range: {exc}") from None
@@ -131,11 +160,29 @@ def payload_length(dtype: DType, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * _ITEMSIZE[dtype]
 
 
+def chunks(length: int) -> int:
+    """How many chunk tags seal a payload of ``length`` bytes."""
+    return -(-length // CHUNK)
+
+
+def body_size(length: int, protection: str | None) -> int:
+    """Bytes that follow the preamble for a payload of ``length`` bytes (``None``: an
+    unsealed message of the handshake)."""
+    if protection in ("encrypt", "integrity"):
+        return length + TAG * chunks(length)
+    return length
+
+
+def frame_size(length: int, protection: str | None) -> int:
+    """All bytes one message with a payload of ``length`` bytes puts on the wire."""
+    return PREAMBLE + body_size(length, protection)
+
+
 def decode_header(raw: bytes | memoryview, max_length: int) -> Header:
     """Parse and validate a header; ``max_length`` bounds the payload it may announce."""
     if len(raw) != HEADER.size:
         raise FrameError(f"truncated header: {len(raw)} bytes, expected {HEADER.size}")
-    (magic, kind, flags, dtype, ndim, worker, attempt, seq, session, version, steps, samples,
+    (magic, kind, flags, dtype, ndim, worker, attempt, seq, counter, version, steps, samples,
      position, value, d0, d1, d2, d3, length) = HEADER.unpack(raw)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r} (not a distgrad frame, or another "
@@ -148,7 +195,7 @@ def decode_header(raw: bytes | memoryview, max_length: int) -> Header:
         dtype_ = DType(dtype)
     except ValueError:
         raise FrameError(f"unknown dtype code {dtype}") from None
-    if flags & ~int(Flag.REPLY | Flag.PULL | Flag.STALE | Flag.READ | Flag.AGAIN):
+    if flags & ~_FLAGS:
         raise FrameError(f"unknown flag bits {flags:#x}")
     if ndim > MAX_DIMS:
         raise FrameError(f"rank {ndim} exceeds {MAX_DIMS}")
@@ -167,32 +214,8 @@ def decode_header(raw: bytes | memoryview, max_length: int) -> Header:
         raise FrameError(f"length field {length} does not match dtype {dtype_.name} and "
                          f"shape {shape} ({expected} bytes)")
     return Header(kind=kind_, flags=Flag(flags), dtype=dtype_, shape=shape, worker=worker,
-                  attempt=attempt, seq=seq, session=session, version=version, steps=steps,
+                  attempt=attempt, seq=seq, counter=counter, version=version, steps=steps,
                   samples=samples, position=position, value=value, length=length)
-
-
-def decode(parts: list[Any], max_length: int) -> tuple[Header, memoryview, bytes]:
-    """Split a three-frame message into (header, payload view, mac); check their sizes.
-
-    ``parts`` are bytes-like objects (or ZeroMQ frames with a ``buffer``).
-    """
-    if len(parts) != 3:
-        raise FrameError(f"a message has 3 frames (header, mac, payload), got {len(parts)}")
-    raw_header, raw_mac, raw_payload = (_view(p) for p in parts)
-    header = decode_header(raw_header, max_length)
-    if len(raw_mac) not in (0, MAC_SIZE):
-        raise FrameError(f"mac of {len(raw_mac)} bytes, expected {MAC_SIZE} or none")
-    if len(raw_payload) != header.length:
-        what = "truncated" if len(raw_payload) < header.length else "oversized"
-        raise FrameError(f"{what} payload: header announces {header.length} bytes, "
-                         f"frame holds {len(raw_payload)}")
-    return header, raw_payload, bytes(raw_mac)
-
-
-def _view(part: Any) -> memoryview:
-    buf = getattr(part, "buffer", part)
-    view = memoryview(buf)
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 # --------------------------------------------------------------------------- payloads
@@ -211,8 +234,8 @@ def array_payload(array: np.ndarray) -> tuple[DType, tuple[int, ...], memoryview
     return code, tuple(array.shape), memoryview(array).cast("B")
 
 
-def as_array(header: Header, payload: memoryview) -> np.ndarray:
-    """A read-only numpy view of a tensor payload (no copy)."""
+def as_array(header: Header, payload: Any) -> np.ndarray:
+    """A numpy view of a tensor payload (no copy)."""
     if header.dtype not in _NUMPY:
         raise FrameError(f"expected a tensor payload, got dtype {header.dtype.name}")
     return np.frombuffer(payload, dtype=_NUMPY[header.dtype]).reshape(header.shape)
@@ -225,35 +248,25 @@ def json_payload(obj: Any) -> bytes:
     return data
 
 
-def as_json(header: Header, payload: memoryview) -> dict[str, Any]:
+def as_json(header: Header, payload: Any) -> dict[str, Any]:
+    """The JSON object of a payload; anything malformed — bad UTF-8, bad JSON, nesting
+    deep enough to exhaust the parser's recursion, integers too long to convert — raises
+    :class:`FrameError`."""
     if header.dtype != DType.JSON:
         raise FrameError(f"expected a JSON payload, got dtype {header.dtype.name}")
     if header.length > MAX_JSON:
         raise FrameError(f"JSON payload of {header.length} bytes exceeds {MAX_JSON}")
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"malformed JSON payload: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameError(f"malformed JSON payload: {clip(exc)}") from None
     if not isinstance(obj, dict):
         raise FrameError(f"JSON payload must be an object, got {type(obj).__name__}")
     return obj
 
 
-# --------------------------------------------------------------------------- MACs
-
-
-def mac(key: bytes, header: bytes, payload: memoryview | bytes, full: bool) -> bytes:
-    """HMAC-SHA256 over the header (which holds the payload length), and the payload if
-    ``full``."""
-    h = hmac.new(key, header, hashlib.sha256)
-    if full and len(payload):
-        h.update(payload)
-    return h.digest()
-
-
-def check_mac(key: bytes, header: bytes | memoryview, payload: memoryview, tag: bytes,
-              full: bool) -> None:
-    if len(tag) != MAC_SIZE:
-        raise FrameError("missing message authentication code")
-    if not hmac.compare_digest(mac(key, bytes(header), payload, full), tag):
-        raise FrameError("message authentication failed (wrong session key or altered bytes)")
+def clip(text: object, limit: int = MAX_REASON) -> str:
+    """``text`` as printable ASCII of at most ``limit`` characters (for logs and refusals:
+    a peer's bytes never make a log line long or unencodable)."""
+    s = ascii(str(text))[1:-1]
+    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -4,9 +4,9 @@
 authenticated; :func:`job_from_dict` rebuilds and re-validates the frozen
 :class:`~distgrad.job.Job`, and :func:`parts_from_job` makes the same data,
 shards and model on the worker's host (same seed ⇒ same shards and batch order
-as on the server and in ``sim``). Only named datasets and models can travel this
-way; a custom ``nn.Module`` or custom tensors need an engine that ships Python
-objects itself (Ray, Spark).
+as on the server and in ``sim``). Models, data and losses travel as names or import
+paths with JSON arguments (``model="pkg.module:factory"``, ``model_args``, ...), which
+every host imports itself; Python objects need an engine that ships them (Ray, Spark).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
-
-from torch.nn import functional as F
 
 from distgrad.engines.timing import Timing
 from distgrad.errors import ConfigError
@@ -50,13 +48,11 @@ def parts_from_job(job: Any) -> Any:
 
 
 def check_portable(parts: Any) -> None:
-    """Raise unless remote workers can rebuild ``parts`` from the job alone."""
-    from distgrad.models import MODELS
-
-    job = parts.job
-    if parts.dataset.name != job.dataset:
-        raise ConfigError("custom data cannot be sent to remote workers; use a named "
-                          "dataset (--dataset) or the Ray/Spark engines")
-    if type(parts.template) is not MODELS[job.model] or parts.loss_fn is not F.cross_entropy:
-        raise ConfigError("a custom model or loss cannot be sent to remote workers; use a "
-                          "named model (--model) or the Ray/Spark engines")
+    """Raise unless remote workers can rebuild ``parts`` from the job alone (names or
+    import paths of the model, data and loss; see :func:`distgrad.parts.build_parts`)."""
+    if not parts.portable:
+        raise ConfigError("a model, data or loss given as a Python object cannot be sent to "
+                          "remote workers (nothing is pickled); name them by import path "
+                          "(model='pkg.module:factory', dataset='pkg.module:factory', "
+                          "loss='pkg.module:fn'), installed on every host, or use the "
+                          "Ray/Spark engines")

@@ -1,0 +1,161 @@
+"""The calibrated cost model (a measured profile becomes the simulator's server and commit
+times), the code fingerprint that makes reused runs honest, and compact run archives."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from distgrad import Job, Timing, train
+from distgrad.engines.timing import COST_PROFILE_KIND, profile_costs, read_cost_profile
+from distgrad.errors import ConfigError
+from distgrad.reproduce import get_experiment
+from distgrad.reproduce.archive import archive_run, read_events_any
+from distgrad.reproduce.costs import ALGORITHMS, measure_costs, write_profile
+from distgrad.reproduce.provenance import code_fingerprint, source_files
+from distgrad.reproduce.runner import execute_runs, load_runs
+
+PROFILE = {"kind": COST_PROFILE_KIND, "parameters": 100, "step_seconds": 0.01,
+           "commit_seconds": 0.002, "server_seconds": {"agn": 0.001, "adag": 0.003}}
+
+
+@pytest.fixture()
+def profile_file(tmp_path: Path) -> Path:
+    return write_profile(tmp_path / "costs.json", PROFILE)
+
+
+def test_profile_costs_by_hand():
+    # one measured step (0.01 s) is one virtual step (0.05 s): x5; a model twice the
+    # profiled size costs twice as much: x2
+    server, commit = profile_costs(PROFILE, "agn", 200, 0.05)
+    assert server == pytest.approx(0.001 * 5 * 2) and commit == pytest.approx(0.002 * 5 * 2)
+    assert profile_costs(PROFILE, "adag", 100, 0.05)[0] == pytest.approx(0.003 * 5)
+
+
+def test_timing_resolves_a_profile_and_explicit_times_win(profile_file):
+    t = Timing(cost_profile=str(profile_file))
+    r = t.resolved("agn", 200)
+    assert r.cost_profile is None
+    assert r.server_time == pytest.approx(0.01) and r.commit_time == pytest.approx(0.02)
+    mine = Timing(cost_profile=str(profile_file), server_time=0.5).resolved("agn", 200)
+    assert mine.server_time == 0.5 and mine.commit_time == pytest.approx(0.02)
+    assert Timing().resolved("agn", 200) == Timing()
+
+
+def test_bad_profiles_are_named(profile_file, tmp_path):
+    with pytest.raises(ConfigError, match="no server cost for algorithm 'dynsgd'; it has: "
+                                          "adag, agn"):
+        Timing(cost_profile=str(profile_file)).resolved("dynsgd", 100)
+    with pytest.raises(ConfigError, match=r"cannot read cost profile .*nope\.json"):
+        Timing(cost_profile=str(tmp_path / "nope.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "x"}))
+    with pytest.raises(ConfigError, match="is not a cost profile"):
+        read_cost_profile(tmp_path / "other.json")
+
+
+def test_sim_with_a_profile_equals_sim_with_its_times(profile_file, mnist_small, tiny_mlp):
+    common = dict(algorithm="agn", engine="sim", workers=3, window=2, seed=0, epochs=1,
+                  batch_size=64, eval_every=10.0, record_batches=False)
+    plain = train(model=tiny_mlp, **common, **mnist_small)
+    params = sum(p.numel() for p in tiny_mlp.parameters())
+    server, commit = profile_costs(PROFILE, "agn", params, 0.05)
+    profiled = train(model=tiny_mlp, timing=Timing(cost_profile=str(profile_file)),
+                     **common, **mnist_small)
+    explicit = train(model=tiny_mlp, timing=Timing(server_time=server, commit_time=commit),
+                     **common, **mnist_small)
+    assert profiled.virtual_seconds == explicit.virtual_seconds > plain.virtual_seconds
+    assert profiled.params_sha256 == explicit.params_sha256
+
+
+def test_measure_costs_writes_a_usable_profile(tmp_path):
+    # one measurement (it spawns a process for the pipe): dist-keras' profile holds the
+    # local engine's parts too
+    dk = measure_costs(repeats=3, size=20_000, engine="distkeras")
+    assert set(dk["server_seconds"]) == set(ALGORITHMS)
+    p = dk["parts"]
+    assert p["copy_seconds"] > 0 and p["pipe_round_trip_seconds"] > 0
+    # the server's share adds unpickling, pickling and two socket transfers to the apply;
+    # the worker's is its own pickling and unpickling
+    extra = p["pickle_seconds"] + p["unpickle_seconds"] + 2 * p["socket_seconds"]
+    assert dk["engine"] == "distkeras" and all(v > extra for v in dk["server_seconds"].values())
+    assert dk["commit_seconds"] == p["pickle_seconds"] + p["unpickle_seconds"]
+    path = write_profile(tmp_path / "p.json", dk)
+    assert read_cost_profile(path)["parameters"] == 20_000
+    with pytest.raises(ValueError, match="engine must be 'local' or 'distkeras'"):
+        measure_costs(engine="net")
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_fingerprint_ignores_docstrings_and_comments_but_not_code(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text('"""Doc."""\nx = 1  # one\n')
+    (pkg / "cli.py").write_text("y = 1\n")  # presentation: left out
+    first = code_fingerprint(pkg)
+    assert [p.name for p in source_files(pkg)] == ["a.py"]
+    (pkg / "a.py").write_text('"""Other doc."""\n\nx = 1  # uno\n')
+    (pkg / "cli.py").write_text("y = 2\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(pkg) == first
+    (pkg / "a.py").write_text('"""Doc."""\nx = 2\n')
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(pkg) != first
+
+
+def test_stale_runs_are_detected_rerun_and_archived(tmp_path, capsys):
+    exp = get_experiment("timing-order")
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    logs: list[str] = []
+    execute_runs(exp, "tiny", runs, log=logs.append, archive=archive)
+    assert sum("epoch(s) ..." in m for m in logs) == 2
+    loaded = load_runs(exp, "tiny", runs)
+    assert not any(r.stale for r in loaded.runs.values())
+    # a run made by other code: flagged, and run again unless told to reuse it
+    one = next(p for p in runs.iterdir() if p.name.startswith("agn"))
+    marker = json.loads((one / "reproduce.json").read_text())
+    (one / "reproduce.json").write_text(json.dumps({**marker, "code_fingerprint": "old"}))
+    assert load_runs(exp, "tiny", runs)[
+        next(lab for lab, r in loaded.runs.items() if r.path == one)].stale
+    logs.clear()
+    execute_runs(exp, "tiny", runs, log=logs.append, reuse_stale=True)
+    assert any("STALE" in m for m in logs) and not any("epoch(s) ..." in m for m in logs)
+    logs.clear()
+    execute_runs(exp, "tiny", runs, log=logs.append)
+    assert sum("is stale" in m for m in logs) == 1 and sum("epoch(s) ..." in m for m in logs) == 1
+    # the archive alone rebuilds the results: same summaries, events rounded
+    from_archive = load_runs(exp, "tiny", tmp_path / "empty", archive=archive)
+    for label, run in loaded.runs.items():
+        got = from_archive[label]
+        assert got.summary == run.summary
+        assert len(got.events) == len(run.events)
+        evals = [e["test_acc"] for e in got.events if e["type"] == "eval"]
+        want = [e["test_acc"] for e in run.events if e["type"] == "eval"]
+        assert evals == pytest.approx(want, rel=1e-4)
+
+
+def test_a_run_locked_by_a_live_process_is_skipped(tmp_path):
+    from distgrad.reproduce.runner import LOCK, _claim
+
+    out = tmp_path / "run"
+    assert _claim(out) and (out / LOCK).read_text() == str(os.getpid())
+    assert not _claim(out)  # held by a live process (this one)
+    (out / LOCK).write_text("999999999")  # a holder that no longer exists
+    assert _claim(out)
+
+
+def test_archive_is_smaller_and_reads_back(tmp_path, mnist_small, tiny_mlp):
+    job = Job(algorithm="agn", engine="sim", workers=2, window=2, seed=0, epochs=1,
+              batch_size=32, eval_every=0.5)
+    train(job, model=tiny_mlp, out=tmp_path / "run", figures=False, **mnist_small)
+    (tmp_path / "run" / "reproduce.json").write_text("{}")
+    dest = archive_run(tmp_path / "run", tmp_path / "archive" / "run")
+    assert (dest / "events.jsonl.gz").stat().st_size < \
+        (tmp_path / "run" / "events.jsonl").stat().st_size / 5
+    events = read_events_any(dest)
+    assert {e["type"] for e in events} >= {"batch", "commit", "eval"}
+    assert len(events) == len(read_events_any(tmp_path / "run"))
