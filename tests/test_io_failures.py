@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import subprocess
 import tempfile
@@ -100,6 +101,8 @@ def test_event_log_on_a_full_device_stops_the_run_with_a_summary(mnist_small, ti
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "event log" in summary["error"]
     assert summary["test_accuracy"] is not None  # what was reached is still evaluated
+    # the log failed while the workers started: the ones already started are stopped
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("distgrad")]
 
 
 def test_full_tmpfs_checkpoint_refused_by_the_free_space_check(mnist_small, tiny_mlp,

@@ -475,51 +475,58 @@ class LocalEngine:
                             if signal.getsignal(s) is not signal.SIG_IGN}
         from multiprocessing.reduction import ForkingPickler
 
-        for k in range(n):
-            base = torch.zeros_like(server.center).share_memory_()
-            payload = torch.zeros_like(server.center).share_memory_()
-            parent_end, child_end = ctx.Pipe()
-            blob = None
-            if exact:  # the core already knows which workers are live (attempt 0)
-                done_already = self.core.slots[k].state != "live"
-                if not done_already:
-                    blob = _worker_blob(self.resume["workers"], k)
-                    # the parent reads base[k] as the stale center k holds
-                    base.copy_(self.resume["workers"][k]["worker"]["replica"]["base"])
-            else:
-                done_already = self.resume is not None and len(orders[k]) == 0
-            proc = ctx.Process(
-                target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
-                args=(k, bytes(ForkingPickler.dumps(parts)), base, payload, child_end,
-                      devices[k], orders[k] if self.resume and not exact else None,
-                      threads, server.center if lock_free else None, self.wanted, blob,
-                      os.getpid()))
-            slot = _Slot(k, proc, parent_end, base, payload, orders[k])
-            self.slots.append(slot)
-            core_slot = self.core.slots[k]
-            slot.stepped = int(core_slot.position) + int(core_slot.uncommitted)
-            if done_already:
-                slot.alive = False
-                slot.done = not exact or self.core.slots[k].state == "done"
+        try:  # a failure while starting them (a full event log) stops those started
+            for k in range(n):
+                base = torch.zeros_like(server.center).share_memory_()
+                payload = torch.zeros_like(server.center).share_memory_()
+                parent_end, child_end = ctx.Pipe()
+                blob = None
+                if exact:  # the core already knows which workers are live (attempt 0)
+                    done_already = self.core.slots[k].state != "live"
+                    if not done_already:
+                        blob = _worker_blob(self.resume["workers"], k)
+                        # the parent reads base[k] as the stale center k holds
+                        base.copy_(self.resume["workers"][k]["worker"]["replica"]["base"])
+                else:
+                    done_already = self.resume is not None and len(orders[k]) == 0
+                proc = ctx.Process(
+                    target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
+                    args=(k, bytes(ForkingPickler.dumps(parts)), base, payload, child_end,
+                          devices[k], orders[k] if self.resume and not exact else None,
+                          threads, server.center if lock_free else None, self.wanted, blob,
+                          os.getpid()))
+                slot = _Slot(k, proc, parent_end, base, payload, orders[k])
+                self.slots.append(slot)
+                core_slot = self.core.slots[k]
+                slot.stepped = int(core_slot.position) + int(core_slot.uncommitted)
+                if done_already:
+                    slot.alive = False
+                    slot.done = not exact or self.core.slots[k].state == "done"
+                    if not exact:
+                        self.core.retire(k)
+                    continue
                 if not exact:
-                    self.core.retire(k)
-                continue
-            if not exact:
-                self.core.admit(k, 0)
-            # while it is forked and exec'd both are ignored, so the worker inherits them
-            # ignored from its first instruction: a signal to the whole process group
-            # (Ctrl-C, SLURM) in its seconds of start-up cannot kill it (the mask would
-            # not do: the child's is reset). One in these milliseconds is lost.
-            for sig in old_handlers if main_thread else ():
-                signal.signal(sig, signal.SIG_IGN)
-            try:
-                proc.start()
-            finally:
+                    self.core.admit(k, 0)
+                # while it is forked and exec'd both are ignored, so the worker inherits them
+                # ignored from its first instruction: a signal to the whole process group
+                # (Ctrl-C, SLURM) in its seconds of start-up cannot kill it (the mask would
+                # not do: the child's is reset). One in these milliseconds is lost.
                 for sig in old_handlers if main_thread else ():
-                    signal.signal(sig, self._request_stop)
-            child_end.close()
-            recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
-                          device=devices[k])
+                    signal.signal(sig, signal.SIG_IGN)
+                try:
+                    proc.start()
+                finally:
+                    for sig in old_handlers if main_thread else ():
+                        signal.signal(sig, self._request_stop)
+                child_end.close()
+                recorder.note(self._t(), "worker_start", worker=k, pid=proc.pid,
+                              device=devices[k])
+        except BaseException:
+            self._shutdown()
+            if main_thread:
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
+            raise
         self.deferred: list[tuple[float, int, list[torch.Tensor], int]] = []
         # a dead worker's samples not yet handed out: given to whoever runs low first
         self.spare = (np.asarray(self.resume["pool"].numpy(), dtype=np.int64)
