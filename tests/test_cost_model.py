@@ -15,7 +15,7 @@ from distgrad.errors import ConfigError
 from distgrad.reproduce import get_experiment
 from distgrad.reproduce.archive import archive_run, read_events_any
 from distgrad.reproduce.costs import ALGORITHMS, measure_costs, write_profile
-from distgrad.reproduce.provenance import code_fingerprint, source_files
+from distgrad.reproduce.provenance import code_fingerprint, file_hashes, loaded_files, source_files
 from distgrad.reproduce.runner import execute_runs, load_runs
 
 PROFILE = {"kind": COST_PROFILE_KIND, "parameters": 100, "step_seconds": 0.01,
@@ -95,16 +95,33 @@ def test_fingerprint_ignores_docstrings_and_comments_but_not_code(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "a.py").write_text('"""Doc."""\nx = 1  # one\n')
+    (pkg / "b.py").write_text("z = 1\n")
     (pkg / "cli.py").write_text("y = 1\n")  # presentation: left out
-    first = code_fingerprint(pkg)
-    assert [p.name for p in source_files(pkg)] == ["a.py"]
+    first, only_a = code_fingerprint(pkg), code_fingerprint(pkg, files=["a.py"])
+    assert [p.name for p in source_files(pkg)] == ["a.py", "b.py"]
     (pkg / "a.py").write_text('"""Other doc."""\n\nx = 1  # uno\n')
     (pkg / "cli.py").write_text("y = 2\n")
-    code_fingerprint.cache_clear()
+    file_hashes.cache_clear()
     assert code_fingerprint(pkg) == first
-    (pkg / "a.py").write_text('"""Doc."""\nx = 2\n')
-    code_fingerprint.cache_clear()
+    (pkg / "b.py").write_text("z = 2\n")  # a file the run never loaded
+    file_hashes.cache_clear()
     assert code_fingerprint(pkg) != first
+    assert code_fingerprint(pkg, files=["a.py"]) == only_a
+    (pkg / "a.py").write_text('"""Doc."""\nx = 2\n')
+    file_hashes.cache_clear()
+    assert code_fingerprint(pkg, files=["a.py"]) != only_a
+    (pkg / "a.py").unlink()
+    file_hashes.cache_clear()
+    assert code_fingerprint(pkg, files=["a.py"]) != only_a
+    file_hashes.cache_clear()
+
+
+def test_a_run_records_the_files_its_process_loaded():
+    files = loaded_files()
+    # this process imported the simulator and the core, not the multi-host worker loop
+    assert "engines/sim.py" in files and "server.py" in files
+    assert "transport/worker_main.py" not in files and "cli.py" not in files
+    assert any(f.endswith(".c") for f in files)
 
 
 def test_stale_runs_are_detected_rerun_and_archived(tmp_path, capsys):

@@ -8,6 +8,12 @@ invalidate hours of runs — and :func:`code_version` (the git commit, when ther
 :func:`code_fingerprint` leaves out what only presents results (the CLI, plots, reports,
 this package's claim checks) and the engines a reproduction does not use (Ray, Spark, the
 network transport).
+
+A run records the fingerprint of the files its process had loaded (:func:`loaded_files`,
+with the C kernels always in): an edit to a module a run never imported (the multi-host
+worker loop, a language-model dataset for an MNIST run) does not make it stale. The hashes
+are of the source as it was when this process first took them (:func:`file_hashes`), so an
+edit made while a long reproduction runs is not credited to its runs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import contextlib
 import functools
 import hashlib
 import subprocess
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -50,17 +58,47 @@ def source_files(package: Path = PACKAGE) -> list[Path]:
     return files
 
 
+def _file_hash(path: Path) -> str:
+    text = path.read_text()
+    if path.suffix == ".py":
+        text = ast.dump(_strip_docstrings(ast.parse(text)), include_attributes=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=4)
-def code_fingerprint(package: Path = PACKAGE) -> str:
-    """A 16-hex-digit hash of the result-affecting source (Python as its AST without
-    docstrings, so comments, docstrings and formatting do not count; C as text)."""
+def file_hashes(package: Path = PACKAGE) -> dict[str, str]:
+    """The hash of every covered file (Python as its AST without docstrings, so comments,
+    docstrings and formatting do not count; C as text), by path relative to ``package``;
+    taken once per process."""
+    return {p.relative_to(package).as_posix(): _file_hash(p) for p in source_files(package)}
+
+
+def loaded_files(package: Path = PACKAGE) -> list[str]:
+    """The covered files of the modules this process has imported, and every C kernel
+    (relative paths, sorted)."""
+    covered = file_hashes(package)
+    files = {rel for rel in covered if rel.endswith(".c")}
+    for module in list(sys.modules.values()):
+        origin = getattr(module, "__file__", None)
+        if not origin:
+            continue
+        try:
+            rel = Path(origin).resolve().relative_to(package).as_posix()
+        except ValueError:
+            continue
+        if rel in covered:
+            files.add(rel)
+    return sorted(files)
+
+
+def code_fingerprint(package: Path = PACKAGE, files: Iterable[str] | None = None) -> str:
+    """A 16-hex-digit hash of the result-affecting source: of ``files`` (relative paths, as
+    :func:`loaded_files` gives them), or of every covered file. A listed file that no
+    longer exists counts as changed."""
+    hashes = file_hashes(package)
     h = hashlib.sha256()
-    for path in source_files(package):
-        text = path.read_text()
-        if path.suffix == ".py":
-            text = ast.dump(_strip_docstrings(ast.parse(text)), include_attributes=False)
-        h.update(path.relative_to(package).as_posix().encode() + b"\0")
-        h.update(text.encode() + b"\0")
+    for rel in sorted(hashes) if files is None else sorted(files):
+        h.update(rel.encode() + b"\0" + hashes.get(rel, "missing").encode() + b"\0")
     return h.hexdigest()[:16]
 
 

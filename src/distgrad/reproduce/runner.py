@@ -15,7 +15,7 @@ from torch import nn
 from distgrad.job import train
 from distgrad.models import MLP, initialize
 from distgrad.reproduce.archive import archive_run, read_events_any
-from distgrad.reproduce.provenance import code_fingerprint, code_version
+from distgrad.reproduce.provenance import code_fingerprint, code_version, file_hashes, loaded_files
 from distgrad.reproduce.spec import REPRO_MODELS, Experiment, Results, RunData, RunSpec, Setup
 
 Log = Callable[[str], None]
@@ -49,8 +49,9 @@ def read_marker(out: Path) -> dict[str, Any] | None:
 
 def is_stale(marker: dict[str, Any]) -> bool:
     """Was the run made by code whose result-affecting source differs from this code's
-    (or by code that recorded no fingerprint)?"""
-    return marker.get("code_fingerprint") != code_fingerprint()
+    (over the files the run's process had loaded, or over every file for a run that did
+    not list them; a run with no fingerprint is stale)?"""
+    return marker.get("code_fingerprint") != code_fingerprint(files=marker.get("code_files"))
 
 
 def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "sim",
@@ -64,7 +65,7 @@ def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "
     :func:`~distgrad.reproduce.provenance.code_fingerprint` is stale and is run again,
     unless ``reuse_stale`` (then the report marks it stale). With ``archive``, every run
     finished here is also copied there in compact form."""
-    code_fingerprint()  # taken now, once: the code this process has loaded, not later edits
+    file_hashes()  # taken now, once: the code this process has loaded, not later edits
     setup = exp.setup(scale)
     specs = exp.run_specs(scale)
     for i, spec in enumerate(specs, 1):
@@ -83,11 +84,12 @@ def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "
             if reuse_stale:
                 log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: reusing {out_shown} although it "
                     f"is STALE (made by code {saved.get('code_version')}, fingerprint "
-                    f"{saved.get('code_fingerprint')}; this code: {code_fingerprint()})")
+                    f"{saved.get('code_fingerprint')}; this code: "
+                    f"{code_fingerprint(files=saved.get('code_files'))})")
                 continue
             log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: {out} is stale (code changed "
                 f"since it ran: fingerprint {saved.get('code_fingerprint')} -> "
-                f"{code_fingerprint()}); running it again")
+                f"{code_fingerprint(files=saved.get('code_files'))}); running it again")
         if not _claim(out):
             log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: another process is running "
                 f"{out}; skipping it")
@@ -139,8 +141,9 @@ def _train_one(exp: Experiment, spec: RunSpec, setup: Setup, engine: str, out: P
     # the run directory as `distgrad train --out` writes it, without the per-run plots:
     # the experiment's figures show the runs
     res = train(job, model=model, out=out, overwrite=True, figures=False)
-    marker.write_text(json.dumps({**key, "code_fingerprint": code_fingerprint(),
-                                  "code_version": code_version(),
+    files = loaded_files()
+    marker.write_text(json.dumps({**key, "code_fingerprint": code_fingerprint(files=files),
+                                  "code_files": files, "code_version": code_version(),
                                   "compute_seconds": time.perf_counter() - start},
                                  indent=1) + "\n")
     if archive is not None:
