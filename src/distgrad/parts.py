@@ -190,6 +190,11 @@ class Job:
     error_feedback: bool = _what(
         True, "do not carry what compression lost into the next commit", group="commits",
         flag="--no-error-feedback")
+    pipeline: bool = _what(
+        False, "send each commit and compute the next window while it travels; the center "
+               "it pulls is taken at the next commit (one more window of staleness, counted "
+               "in the commits' base versions); asynchronous algorithms that pull after a "
+               "commit, on local, net, ray and spark (not sim)", group="commits")
     momentum_target: float | None = _what(
         None, "EXPERIMENTAL, asynchronous algorithms: set the inner optimizer's momentum (sgd "
               "momentum, adam beta1) to max(MU - (1 - 1/n), 0) so explicit + implicit "
@@ -235,6 +240,9 @@ class Job:
         if "window" in self.params:
             raise ConfigError("pass the window as window=..., not inside params")
         choose("compression", self.compression, CODECS)
+        if self.pipeline and self.engine == "sim":
+            raise ConfigError("pipeline overlaps real transfers with computation; the sim "
+                              "engine does not model it (use local, net, ray or spark)")
         if self.momentum_target is not None:
             if algo.synchronous:
                 raise ConfigError(f"momentum_target compensates the implicit momentum of "
