@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -41,7 +42,7 @@ from distgrad.engines.options import (
     options_for,
 )
 from distgrad.engines.timing import Timing
-from distgrad.entry import call_factory, check_json_args, is_path, ref_of
+from distgrad.entry import call_factory, check_json_args, is_path
 from distgrad.entry import resolve as resolve_path
 from distgrad.errors import (
     ConfigError,
@@ -522,10 +523,6 @@ def load_data(job: Job, data: Any = None, test_data: Any = None) -> Dataset:
 def _streams_dataset(job: Job, streams: WorkerStreams) -> Dataset:
     """A stand-in :class:`Dataset` of per-worker streams: the training part is worker 0's
     first batch (for the checks, the task and the classes; ``streams`` is kept on it)."""
-    if job.engine in ("local", "spark"):
-        raise ConfigError(f"per-worker streams run on the sim, net and ray engines; the "
-                          f"{job.engine} engine hands out indices of in-memory data (return "
-                          f"(X, y) tensors or a map-style Dataset from the data factory)")
     workers = int(job.workers)  # type: ignore[arg-type]
     x, y = streams.first_batch(workers, job.seed)
     if streams.test is not None:
@@ -649,9 +646,10 @@ def _finish_parts(job: Job, dataset: Dataset, shards: list[np.ndarray],
             if len(dataset.y_test):
                 check_inputs(template, dataset.x_test, dataset.y_test, loss_fn,
                              name="test_data", classes=_classes(dataset))
-        if job.engine == "local":
-            _check_importable(model, "model")
-            _check_importable(loss_fn, "loss_fn")
+        if job.engine in ("local", "spark"):  # what only these engines refuse (imported
+            # here, not above: a sim or net process never loads them)
+            engine_module = importlib.import_module(f"distgrad.engines.{job.engine}")
+            engine_module.check_parts(model=model, loss_fn=loss_fn, streams=streams)
     identity = identity_of(job, template, dataset, custom_model=model is not None,
                            custom_data=data is not None,
                            custom_loss=loss_fn is not None and job.loss == "auto"
@@ -685,18 +683,3 @@ def _classes(dataset: Dataset) -> int | None:
     if y.is_floating_point() or y.dim() != 1:
         return None
     return dataset.classes
-
-
-def _check_importable(obj: Any, what: str) -> None:
-    """``local`` workers are fresh processes that import the user's code: refuse an object
-    defined where they cannot (a notebook, ``python -c``, stdin) before starting them."""
-    if obj is None:
-        return
-    target = obj if callable(obj) and not isinstance(obj, nn.Module) else type(obj)
-    if ref_of(target) is None:
-        name = getattr(target, "__qualname__", type(obj).__name__)
-        raise ConfigError(
-            f"{what} {name!r} is defined in an interactive session (notebook, python -c, "
-            f"stdin) or inside a function; the local engine's worker processes cannot import "
-            f"it. Move it into a module (a .py file on sys.path) and import it from there, "
-            f"or use engine='sim'")

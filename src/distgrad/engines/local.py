@@ -81,8 +81,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 from distgrad.algorithms.base import StepStats
+from distgrad.entry import ref_of
+from distgrad.errors import ConfigError
 from distgrad.protocol.core import ProtocolCore
 from distgrad.protocol.driver import WorkerDriver, drive
 from distgrad.protocol.messages import (
@@ -261,6 +264,27 @@ class PipeChannel:
             raise _Stopped
         else:
             raise RuntimeError(f"unexpected message kind {kind} from the parent")
+
+
+def check_parts(*, model: Any, loss_fn: Any, streams: Any) -> None:
+    """What the ``local`` engine refuses before training (a ConfigError): per-worker
+    streams (it hands out indices of in-memory data), and a model or loss defined where
+    its worker processes cannot import it (a notebook, ``python -c``, stdin)."""
+    if streams is not None:
+        raise ConfigError("per-worker streams run on the sim, net and ray engines; the local "
+                          "engine hands out indices of in-memory data (return (X, y) tensors "
+                          "or a map-style Dataset from the data factory)")
+    for obj, what in ((model, "model"), (loss_fn, "loss_fn")):
+        if obj is None:
+            continue
+        target = obj if callable(obj) and not isinstance(obj, nn.Module) else type(obj)
+        if ref_of(target) is None:
+            name = getattr(target, "__qualname__", type(obj).__name__)
+            raise ConfigError(
+                f"{what} {name!r} is defined in an interactive session (notebook, python -c, "
+                f"stdin) or inside a function; the local engine's worker processes cannot "
+                f"import it. Move it into a module (a .py file on sys.path) and import it "
+                f"from there, or use engine='sim'")
 
 
 def build_worker(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,

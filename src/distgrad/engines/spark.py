@@ -39,6 +39,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("distgrad.spark")
 
 
+def check_parts(*, model: Any, loss_fn: Any, streams: Any) -> None:
+    """What the ``spark`` engine refuses before training (a ConfigError): per-worker
+    streams (its tasks are handed indices of in-memory data)."""
+    if streams is not None:
+        raise ConfigError("per-worker streams run on the sim, net and ray engines; the spark "
+                          "engine hands out indices of in-memory data (return (X, y) tensors "
+                          "or a map-style Dataset from the data factory)")
+
 def import_pyspark() -> Any:
     try:
         import pyspark
