@@ -16,8 +16,8 @@ batch 128 per worker:
 Per run: samples/s, bytes that crossed the links (the hosts' ``eth0`` counters), and the
 seconds from the first training step to the first evaluation at ``--target`` test
 accuracy (median over ``--repeats``). Plus a commit-and-pull loop (one worker on host 1
-against a server on host 0, every ``--protection``) that measures the transport's
-throughput against the cap. Writes ``--json`` and a plot of time-to-target against
+against a server on host 0, every ``--protection``, and int8 commits) that measures the
+transport's throughput against the cap. Writes ``--json`` and a plot of time-to-target against
 bandwidth. ``--quick`` is a smoke test (one rate, two configurations, a small subset).
 
 All hosts share this machine's CPU cores: compute is bounded by them, not by a host.
@@ -49,6 +49,17 @@ CONFIGS = [("ddp", "ddp", 1), ("downpour λ=1", "downpour", 1),
            ("diloco λ=16", "diloco", 16)]
 QUICK_CONFIGS = [("ddp", "ddp", 1), ("adag λ=16", "adag", 16)]
 PARAMS = 4_798_010
+
+
+def pick_config(spec: str, p: argparse.ArgumentParser) -> tuple[str, str, int]:
+    """``ddp`` or ``ALGORITHM:WINDOW`` as one of :data:`CONFIGS` (an error names the bad one)."""
+    algorithm, _, window = spec.strip().partition(":")
+    for config in CONFIGS:
+        if config[1] == algorithm and (algorithm == "ddp" or str(config[2]) == window):
+            return config
+    known = ", ".join("ddp" if a == "ddp" else f"{a}:{w}" for _, a, w in CONFIGS)
+    p.error(f"unknown configuration {spec!r}; choose from: {known}")
+    raise AssertionError  # p.error exits
 
 
 # ---------------------------------------------------------------- DDP rank (runs on a host)
@@ -190,28 +201,34 @@ from distgrad.protocol.messages import CommitRequest, PullRequest
 from distgrad.transport.client import NetClient
 address, secret, n, seconds = sys.argv[1], open(sys.argv[2], "rb").read().strip(), \
     int(sys.argv[3]), float(sys.argv[4])
-protection = sys.argv[5]
+protection, codec = sys.argv[5], sys.argv[6]
 torch.set_num_threads(1)
+comp = None
+if codec != "none":
+    from distgrad.compression import Compressor
+    comp = Compressor(codec, [n], error_feedback=False)
 with NetClient(address, secret, timeout=120, protection=protection) as ch:
     into, payload = torch.empty(n), torch.full((n,), 1e-9)
     r = ch.call(PullRequest(ch.worker, ch.attempt, 1, into=into))
     base, seq, trips, t0 = r.base_version, 1, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds and trips < 50000:
         seq += 1
+        encoded = comp.compress(payload) if comp is not None else None  # the codec's bytes
         r = ch.call(CommitRequest(ch.worker, ch.attempt, seq, base_version=base, steps=1,
                                   samples=1, position=trips + 1, payload=payload,
-                                  want_pull=True, pull_into=into))
+                                  want_pull=True, pull_into=into, encoded=encoded))
         base, trips = r.base_version, trips + 1
     wall = time.perf_counter() - t0
 print("TRIPS", trips, wall)
 """
 
 
-def commit_pull_loop(c: Any, rate: str, protection: str, work: Path, seconds: float
-                     ) -> dict[str, Any]:
+def commit_pull_loop(c: Any, rate: str, protection: str, work: Path, seconds: float,
+                     codec: str = "none") -> dict[str, Any]:
     """One worker on host 1 commits the whole thesis MLP and pulls the center back, for
     ``seconds``, against a ``distgrad serve`` of a DOWNPOUR job on host 0 (one worker,
-    so the server only applies and replies). Payload goodput per direction vs the cap."""
+    so the server only applies and replies). Payload bytes (commit + pull) per second
+    against the cap; with ``codec`` the commits travel compressed, the pulls as float32."""
     from distgrad.testing.netns import rate_bits
     from distgrad.testing.recipes import start_serve, write_secret
 
@@ -220,21 +237,30 @@ def commit_pull_loop(c: Any, rate: str, protection: str, work: Path, seconds: fl
         c, 0, ["--algorithm", "downpour", "--workers", "1", "--window", "1",
                "--train-samples", "60000", "--eval-every", "100", "--no-batch-log",
                "--no-distance", "--protection", protection, "--worker-timeout", "600",
-               "--out", str(work / f"loop-{protection}"), "--overwrite", "-q"],
+               "--compress", codec, "--out", str(work / f"loop-{protection}-{codec}"),
+               "--overwrite", "-q"],
         secret_file=secret, workdir=work)
     script = work / "loop.py"
     script.write_text(LOOP)
     try:
         r = c.run(1, [sys.executable, str(script), address, str(secret), str(PARAMS),
-                      str(seconds), protection], timeout=seconds + 300)
+                      str(seconds), protection, codec], timeout=seconds + 300)
     finally:
         server.kill()
         server.wait(30)
     trips, wall = r.stdout.split("TRIPS")[-1].split()
-    gbit = int(trips) * 4 * PARAMS * 8 / float(wall) / 1e9
-    return {"rate": rate, "protection": protection, "round_trips": int(trips),
-            "seconds": float(wall), "payload_gbit_per_s_each_way": gbit,
+    # a round trip is a commit one way, then the pull back: each direction is busy half of
+    # the time, so the link is used fully when commit + pull bytes per second reach the cap
+    per_trip = (BYTES_PER_VALUE[codec] + 4) * PARAMS
+    gbit = int(trips) * per_trip * 8 / float(wall) / 1e9
+    return {"rate": rate, "protection": protection, "codec": codec, "round_trips": int(trips),
+            "round_trips_per_s": int(trips) / float(wall), "seconds": float(wall),
+            "payload_bytes_per_trip": per_trip, "payload_gbit_per_s": gbit,
             "fraction_of_cap": gbit / (rate_bits(rate) / 1e9)}
+
+
+#: a commit's bytes per parameter with each codec (pulls are float32: 4)
+BYTES_PER_VALUE = {"none": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
 # ---------------------------------------------------------------- main
@@ -266,6 +292,30 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The README's tables: one row per rate and configuration (medians), then the
+    commit-and-pull loop against the cap."""
+    target = f"{results['target']:.0%}"
+    lines = [f"| link | configuration | samples/s | MB over the links | s to {target} | "
+             f"× DDP's time | final test accuracy |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in results["runs"]:
+        ddp = next((r["time_to_target_median"] for r in results["runs"]
+                    if r["rate"] == row["rate"] and r["config"] == "ddp"), None)
+        tt = row["time_to_target_median"]
+        ratio = f"{tt / ddp:.2f}" if tt is not None and ddp else "—"
+        lines.append(f"| {row['rate']} | {row['config']} | {row['samples_per_s_median']:.0f} | "
+                     f"{row['bytes_median'] / 1e6:.0f} | "
+                     f"{'not reached' if tt is None else f'{tt:.0f}'} | {ratio} | "
+                     f"{row['final_acc_median']:.3f} |")
+    lines += ["", "| link | protection | commits | round trips/s | payload Gbit/s (commit "
+                  "+ pull) | × cap |", "|---|---|---|---:|---:|---:|"]
+    for row in results["loop"]:
+        lines.append(f"| {row['rate']} | {row['protection']} | {row['codec']} | "
+                     f"{row['round_trips_per_s']:.2f} | {row['payload_gbit_per_s']:.3f} | "
+                     f"{row['fraction_of_cap']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -293,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop DDP after this long (distgrad runs finish their epochs)")
     p.add_argument("--loop-seconds", type=float, default=10.0)
     p.add_argument("--protections", default="encrypt,integrity,header")
+    p.add_argument("--loop-codecs", default="int8", metavar="LIST",
+                   help="also run the commit-and-pull loop with these --compress codecs "
+                        "(first protection), beside float32")
+    p.add_argument("--configs", default=None, metavar="LIST",
+                   help="only these configurations, comma-separated ALGORITHM:WINDOW "
+                        "(ddp for DDP), e.g. ddp,adag:16,adag:4 (default: all nine)")
     p.add_argument("--json", type=Path, default=RESULTS / "cluster.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "cluster.png")
     args = p.parse_args(argv)
@@ -305,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json == RESULTS / "cluster.json":
             args.json, args.plot = RESULTS / "cluster-quick.json", RESULTS / "cluster-quick.png"
 
+    if args.configs is not None:
+        configs = [pick_config(c, p) for c in args.configs.split(",") if c.strip()]
     from distgrad.testing.netns import Cluster, unavailable
 
     reason = unavailable()
@@ -316,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     for rate in args.rates.split(","):
         with Cluster(3, rate=rate) as c:
             work = c.workdir
-            for protection in args.protections.split(","):
-                row = commit_pull_loop(c, rate, protection, work, args.loop_seconds)
+            loops = [(p, "none") for p in args.protections.split(",") if p]
+            loops += [(args.protections.split(",")[0], codec)
+                      for codec in args.loop_codecs.split(",") if codec and codec != "none"]
+            for protection, codec in loops:
+                row = commit_pull_loop(c, rate, protection, work, args.loop_seconds, codec)
                 print(json.dumps(row), flush=True)
                 results["loop"].append(row)
             for label, algorithm, window in configs:
@@ -344,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     results["best_adag_over_ddp_time"] = ratios
     write_json(args.json, results)
     plot(results, args.plot)
+    print("\n" + markdown(results))
     print(f"\nbest ADAG / DDP time to {args.target:.0%}: {ratios}")
     print(f"wrote {args.plot}")
     return 0
