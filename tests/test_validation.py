@@ -171,3 +171,12 @@ def test_cli_compare_refuses_mixed_clocks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'sim' (virtual seconds), B on 'local' (wall seconds)" in err
     assert "--mixed-clocks" in err
+
+
+def test_pipeline_is_refused_until_an_engine_implements_it():
+    from distgrad import Job
+    from distgrad.errors import ConfigError
+
+    for engine in ("sim", "local", "net"):
+        with pytest.raises(ConfigError, match="pipeline is not built"):
+            Job(engine=engine, pipeline=True)

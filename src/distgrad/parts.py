@@ -195,7 +195,8 @@ class Job:
         False, "send each commit and compute the next window while it travels; the center "
                "it pulls is taken at the next commit (one more window of staleness, counted "
                "in the commits' base versions); asynchronous algorithms that pull after a "
-               "commit, on local, net, ray and spark (not sim)", group="commits")
+               "commit, on net, ray and spark (not built in this version: refused)",
+        group="commits")
     momentum_target: float | None = _what(
         None, "EXPERIMENTAL, asynchronous algorithms: set the inner optimizer's momentum (sgd "
               "momentum, adam beta1) to max(MU - (1 - 1/n), 0) so explicit + implicit "
@@ -241,9 +242,9 @@ class Job:
         if "window" in self.params:
             raise ConfigError("pass the window as window=..., not inside params")
         choose("compression", self.compression, CODECS)
-        if self.pipeline and self.engine == "sim":
-            raise ConfigError("pipeline overlaps real transfers with computation; the sim "
-                              "engine does not model it (use local, net, ray or spark)")
+        if self.pipeline:  # no engine of this version implements it yet: never ignore it
+            raise ConfigError("pipeline is not built in this version of distgrad (it will "
+                              "run on net, ray and spark; sim and local will refuse it)")
         if self.momentum_target is not None:
             if algo.synchronous:
                 raise ConfigError(f"momentum_target compensates the implicit momentum of "

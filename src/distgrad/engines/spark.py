@@ -47,6 +47,7 @@ def check_parts(*, model: Any, loss_fn: Any, streams: Any) -> None:
                           "engine hands out indices of in-memory data (return (X, y) tensors "
                           "or a map-style Dataset from the data factory)")
 
+
 def import_pyspark() -> Any:
     try:
         import pyspark
