@@ -368,6 +368,14 @@ class Cluster:
         wait_until(lambda: "LOWER_UP" in _ip("-n", self.host_ns[host], "link", "show",
                                               IFACE).stdout,
                    timeout=10, what=f"host {host}'s link to come back up")
+        wait_until(lambda: "forwarding" in subprocess.run(
+                       ["bridge", "-n", self.bridge_ns, "link", "show", "dev", f"p{host}"],
+                       capture_output=True, text=True, timeout=30).stdout,
+                   timeout=10, what=f"host {host}'s bridge port to forward")
+        # Address lookups that failed while the cable was out would otherwise delay the
+        # first packets after it is back; forget them on every host.
+        for ns in self.host_ns:
+            _ip("-n", ns, "neigh", "flush", "dev", IFACE, check=False)
 
     def link_bytes(self, host: int) -> dict[str, int]:
         """Bytes host ``host`` has sent (``tx``) and received (``rx``) on its link."""
@@ -480,7 +488,7 @@ class Cluster:
             raise out["error"]
         return out["value"]
 
-    def can_connect(self, host: int, address: str, port: int, timeout: float = 1.0) -> bool:
+    def can_connect(self, host: int, address: str, port: int, timeout: float = 3.0) -> bool:
         """Whether host ``host`` can open a TCP connection to ``address:port``."""
         def probe() -> bool:
             with socket.socket() as s:
