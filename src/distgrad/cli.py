@@ -103,8 +103,9 @@ _TIMING_FLAGS: dict[str, dict[str, Any]] = {
                              "engine, in units of its measured step: x --step-time, and "
                              "scaled by the model size); nonzero --server-time/--commit-time "
                              "win"},
-    "fixed_order": {"help": "sim: each worker visits its shard in the same order every pass "
-                            "(dist-keras' order) instead of reshuffling it each pass"},
+    "fixed_order": {"help": "sim and local: each worker visits its shard in the same order "
+                            "every pass (dist-keras' order) instead of reshuffling it each "
+                            "pass (per-worker streams keep their own order)"},
 }
 
 # fields that take a list of values: repeated flags, parsed by _job_from_args
@@ -587,6 +588,12 @@ def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> Non
     groups: dict[str, Any] = {}
     add_dataclass_flags(p, NetOptions, group="network server", groups=groups)
     g = groups["network server"]
+    shards = next(a for a in g._group_actions if a.dest == "shards")
+    shards.help = ("cut the center into S contiguous slices, each served by its own process "
+                   "(spawned, one torch thread: its parameter server and port; --port P: "
+                   "ports P..P+S-1) over one shared-memory center; workers connect to the "
+                   "first and talk to all in parallel (DistBelief). A shard process that "
+                   "fails ends the run; no --checkpoint-every/--resume (default 1)")
     g.add_argument("--secret-file", default=None, metavar="PATH",
                    help="file holding the shared secret; created (mode 600) if missing. "
                         "Default: $DISTGRAD_SECRET")
