@@ -15,7 +15,9 @@ after a warm-up. The paths, measured one after the other in this run:
   process and ``NetClient`` workers, TCP over loopback, in each ``--protection`` mode
   (encrypt: AES-256-GCM; integrity: every byte authenticated; header);
 * ``distgrad net int8``: the same with ``--compress int8`` commits (pulls stay float32);
-* ``distgrad net sharded S=2``: ``serve --shards 2``, workers on ``ShardedChannel``;
+* ``distgrad net <fastest protection> S=2``: ``serve --shards 2`` (two shard processes
+  over a shared-memory center, :mod:`distgrad.transport.shard_proc`), workers on
+  ``ShardedChannel``; compare with ``distgrad net <fastest protection>`` (one server);
 * ``Ray actor PS``: a Ray actor holding the center as a numpy array, workers as Ray actors
   calling it with ``ray.put`` and method calls, as Ray's parameter-server example does;
 * ``torch RPC PS``: a parameter-server object behind an ``RRef`` on rank 0, trainers
@@ -78,33 +80,50 @@ def shared_memory(n: int, workers: int, rounds: int, repeats: int) -> dict[str, 
 # --------------------------------------------------------------------------- distgrad net
 
 
-def _net_server(n: int, workers: int, protection: str, codec: str, shards: int,
-                queue: Any, stop: Any) -> None:
-    torch.set_num_threads(1)
+def _downpour_core(workers: int, index: int, view: torch.Tensor, sink: Any,
+                   clock: Callable[[], float]) -> Any:
+    """A DOWNPOUR (window 1) protocol core over ``view``: the server of every net path
+    (in a shard process for ``S=2``)."""
     from distgrad.algorithms import RunInfo, get_algorithm
-    from distgrad.metrics.events import Recorder
     from distgrad.protocol.core import ProtocolCore
     from distgrad.server import ParameterServer
-    from distgrad.transport.sharded import shard_bounds, shard_servers
 
     algo = get_algorithm("downpour")
-    center = torch.zeros(n)
-    bounds = shard_bounds(n, shards)
-    cores = []
-    for a, b in bounds:
-        rule = algo.server_rule(algo.make_config({"window": 1}), RunInfo(workers, 0.1, "sgd"))
-        server = ParameterServer(center[a:b], rule, workers=workers, track_distance=False)
-        cores.append(ProtocolCore(server, Recorder(), time.perf_counter))
-    nets = shard_servers(cores, bounds, SECRET, protection=protection, worker_timeout=3600,
-                         **({"codec": codec, "sizes": [n]} if shards == 1 else {}))
-    threads = [net.serve_in_thread(until=stop.is_set) for net in nets]
-    queue.put(nets[0].address)
-    for t in threads:
-        t.join()
-    commits = sum(c.sink.commits for c in cores) / len(cores)
-    queue.put(sum(c.sink.bytes_committed for c in cores) / max(commits, 1))
-    for net in nets:
+    rule = algo.server_rule(algo.make_config({"window": 1}), RunInfo(workers, 0.1, "sgd"))
+    server = ParameterServer(view, rule, workers=workers, track_distance=False)
+    return ProtocolCore(server, sink, clock)
+
+
+def _net_server(n: int, workers: int, protection: str, codec: str, shards: int,
+                queue: Any, stop: Any) -> None:
+    """One ``NetServer`` in this process, or (``shards`` > 1) ``serve --shards``' shard
+    processes over a shared-memory center, their events merged here."""
+    torch.set_num_threads(1)
+    import functools
+
+    from distgrad.metrics.events import Recorder
+    from distgrad.transport.server import NetServer
+    from distgrad.transport.shard_proc import ShardProcesses
+    from distgrad.transport.sharded import ShardMerger, shard_bounds
+
+    recorder = Recorder()
+    if shards == 1:
+        core = _downpour_core(workers, 0, torch.zeros(n), recorder, time.perf_counter)
+        net = NetServer(core, SECRET, protection=protection, worker_timeout=3600,
+                        codec=codec, sizes=[n])
+        thread = net.serve_in_thread(until=stop.is_set)
+        queue.put(net.address)
+        thread.join()
         net.close()
+    else:
+        bounds = shard_bounds(n, shards)
+        merger = ShardMerger(recorder, None, bounds)
+        with ShardProcesses(torch.zeros(n), bounds, functools.partial(_downpour_core, workers),
+                            SECRET, until_finished=False, protection=protection,
+                            worker_timeout=3600) as group:
+            queue.put(group.start()[0])
+            group.serve(merger.handle, until=stop.is_set)
+    queue.put(recorder.bytes_committed / max(recorder.commits, 1))
 
 
 def _net_worker(address: str, n: int, codec: str, rounds: int, repeats: int, barrier: Any,

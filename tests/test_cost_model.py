@@ -144,6 +144,20 @@ def test_stale_runs_are_detected_rerun_and_archived(tmp_path, capsys):
     logs.clear()
     execute_runs(exp, "tiny", runs, log=logs.append)
     assert sum("is stale" in m for m in logs) == 1 and sum("epoch(s) ..." in m for m in logs) == 1
+    # each run records the machine it was made on; the report names machines only when
+    # some run was made on another one than the report's
+    from distgrad.reproduce.provenance import machine
+    from distgrad.reproduce.report import runs_made_on
+
+    here = machine()
+    assert all(r.machine and r.machine["cores"] == here["cores"]
+               for r in load_runs(exp, "tiny", runs).runs.values())
+    assert runs_made_on(load_runs(exp, "tiny", runs), here) == ""
+    (one / "reproduce.json").write_text(json.dumps(
+        {**json.loads((one / "reproduce.json").read_text()),
+         "machine": {**here, "cpu": "Other CPU", "cores": 16}}))
+    made_on = runs_made_on(load_runs(exp, "tiny", runs), here)
+    assert "Other CPU, 16 cores" in made_on and "(1 run)" in made_on
     # the archive alone rebuilds the results: same summaries, events rounded
     from_archive = load_runs(exp, "tiny", tmp_path / "empty", archive=archive)
     for label, run in loaded.runs.items():
@@ -153,6 +167,18 @@ def test_stale_runs_are_detected_rerun_and_archived(tmp_path, capsys):
         evals = [e["test_acc"] for e in got.events if e["type"] == "eval"]
         want = [e["test_acc"] for e in run.events if e["type"] == "eval"]
         assert evals == pytest.approx(want, rel=1e-4)
+
+
+def test_runs_trained_by_parallel_jobs_equal_those_of_one_process(tmp_path):
+    from distgrad.reproduce import train_parallel
+
+    exp = get_experiment("timing-order")
+    train_parallel([("timing-order", "tiny")], 2, tmp_path / "par", threads=1)
+    execute_runs(exp, "tiny", tmp_path / "one", log=lambda msg: None)
+    par, one = load_runs(exp, "tiny", tmp_path / "par"), load_runs(exp, "tiny", tmp_path / "one")
+    assert set(par.runs) == set(one.runs) and len(par.runs) == 2
+    for label, run in one.runs.items():
+        assert par[label].summary["params_sha256"] == run.summary["params_sha256"]
 
 
 def test_a_run_locked_by_a_live_process_is_skipped(tmp_path):

@@ -228,3 +228,81 @@ def test_compressed_commits_travel_as_their_codec_bytes(codec: str) -> None:
     assert wire < (0.26 if codec == "int8" else 0.51) * frame_size(4 * res.parameters,
                                                                    "encrypt")
     assert res.params_sha256 == sim.params_sha256
+
+
+DATA_MODULE = '''
+import numpy as np
+
+
+def make_data(n=360):
+    rng = np.random.default_rng({seed})
+    centers = rng.normal(0.0, 2.0, size=(3, 8))
+    y = rng.integers(0, 3, size=n)
+    x = (centers[y] + rng.normal(0.0, 1.0, size=(n, 8))).astype(np.float32)
+    return (x[:300], y[:300]), (x[300:], y[300:])
+'''
+
+
+def test_a_worker_with_other_data_is_refused_before_it_commits(tmp_path: Path) -> None:
+    """`distgrad serve` and `distgrad work` import the data module ``dgdata`` each from its
+    own PYTHONPATH: a worker whose version makes other data exits non-zero naming both
+    fingerprints and the data import path, before any commit; an honest worker then trains
+    the whole job."""
+    import json
+    import os
+    import time
+
+    from distgrad.transport.auth import read_secret_file
+
+    root = Path(__file__).resolve().parents[1]
+    for side, seed in (("server", 7), ("other", 8)):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "dgdata.py").write_text(DATA_MODULE.format(seed=seed))
+
+    def env(side: str) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / side), str(root)])}
+
+    addr_file, secret_file = tmp_path / "addr", tmp_path / "secret"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "distgrad", "serve", "--model", "examples.user_model:make_model",
+         "--data", "dgdata:make_data", "--algorithm", "agn", "--workers", "1", "--window", "3",
+         "--batch-size", "50", "--lr", "0.02", "--secret-file", str(secret_file),
+         "--address-file",
+         str(addr_file), "--out", str(tmp_path / "run"), "--quiet", "--worker-timeout", "60"],
+        cwd=tmp_path, env=env("server"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not addr_file.exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            time.sleep(0.1)
+        address = addr_file.read_text().strip()
+        assert read_secret_file(secret_file)
+        work = [sys.executable, "-m", "distgrad", "work", "--connect", address,
+                "--secret-file", str(secret_file), "--timeout", "30", "--worker", "0"]
+        bad = subprocess.run(work, cwd=tmp_path, env=env("other"), capture_output=True,
+                             text=True, timeout=300)
+        config = json.loads((tmp_path / "run" / "config.json").read_text())
+        ours = config["data_fingerprint"]
+        assert bad.returncode != 0
+        message = bad.stderr.strip().splitlines()[-1]
+        assert message.startswith("distgrad: error: this worker's data differ from the "
+                                  "server's: data 'dgdata:make_data' has fingerprint ")
+        assert f"{ours} on the server at {address}" in message
+        assert len(message.split("fingerprint ")[1].split(" ")[0]) == 16  # its own, named
+        honest = subprocess.run(work, cwd=tmp_path, env=env("server"), capture_output=True,
+                                text=True, timeout=300)
+        assert honest.returncode == 0, honest.stderr
+        server.communicate(timeout=300)
+        assert server.returncode == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
+    faults = [e for e in events if e["type"] == "fault"]
+    assert [(f["worker"], f["samples_lost"]) for f in faults] == [(0, 0)]
+    assert "data differ" in faults[0]["reason"]
+    assert summary["samples"] == 300 and summary["samples_committed"] == 300
+    assert summary["test_accuracy"] > 0.6  # chance: 1/3 (6 steps of 50)

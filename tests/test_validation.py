@@ -173,10 +173,13 @@ def test_cli_compare_refuses_mixed_clocks(tmp_path, capsys):
     assert "--mixed-clocks" in err
 
 
-def test_pipeline_is_refused_until_an_engine_implements_it():
+def test_pipeline_is_checked_when_the_job_is_made():
     from distgrad import Job
     from distgrad.errors import ConfigError
 
-    for engine in ("sim", "local", "net"):
-        with pytest.raises(ConfigError, match="pipeline is not built"):
+    for engine in ("sim", "local"):
+        with pytest.raises(ConfigError, match=f"not {engine!r}"):
             Job(engine=engine, pipeline=True)
+    with pytest.raises(ConfigError, match="'sync' cannot be pipelined"):
+        Job(engine="net", algorithm="sync", pipeline=True)
+    assert Job(engine="net", algorithm="adag", pipeline=True).pipeline

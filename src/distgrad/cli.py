@@ -103,8 +103,9 @@ _TIMING_FLAGS: dict[str, dict[str, Any]] = {
                              "engine, in units of its measured step: x --step-time, and "
                              "scaled by the model size); nonzero --server-time/--commit-time "
                              "win"},
-    "fixed_order": {"help": "sim: each worker visits its shard in the same order every pass "
-                            "(dist-keras' order) instead of reshuffling it each pass"},
+    "fixed_order": {"help": "sim and local: each worker visits its shard in the same order "
+                            "every pass (dist-keras' order) instead of reshuffling it each "
+                            "pass (per-worker streams keep their own order)"},
 }
 
 # fields that take a list of values: repeated flags, parsed by _job_from_args
@@ -385,8 +386,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{len(failed_ckpts)} checkpoint(s) could not be written: "
               f"{failed_ckpts[-1].get('error')}")
     acc = s["test_accuracy"]
-    print(f"test accuracy {acc:.4f}  test loss {s['test_loss'] or float('nan'):.4f}  "
-          f"train accuracy {s['train_accuracy']:.4f}" if acc is not None else "test accuracy n/a")
+    def num(key: str) -> float:  # a figure the task does not have prints as nan
+        return float("nan") if s.get(key) is None else s[key]
+    print(f"test accuracy {acc:.4f}  test loss {num('test_loss'):.4f}  "
+          f"train accuracy {num('train_accuracy'):.4f}" if acc is not None
+          else "test accuracy n/a")
     extra = [f"{k.replace('_', ' ')} {s[k]:.4g}" for k in (
         "test_perplexity", "test_mse", "test_r2", "train_mse", "train_r2")
         if s.get(k) is not None]
@@ -587,6 +591,12 @@ def _add_remote_commands(sub: Any, train_parser: argparse.ArgumentParser) -> Non
     groups: dict[str, Any] = {}
     add_dataclass_flags(p, NetOptions, group="network server", groups=groups)
     g = groups["network server"]
+    shards = next(a for a in g._group_actions if a.dest == "shards")
+    shards.help = ("cut the center into S contiguous slices, each served by its own process "
+                   "(spawned, one torch thread: its parameter server and port; --port P: "
+                   "ports P..P+S-1) over one shared-memory center; workers connect to the "
+                   "first and talk to all in parallel (DistBelief). A shard process that "
+                   "fails ends the run; no --checkpoint-every/--resume (default 1)")
     g.add_argument("--secret-file", default=None, metavar="PATH",
                    help="file holding the shared secret; created (mode 600) if missing. "
                         "Default: $DISTGRAD_SECRET")
@@ -690,6 +700,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                           *(["--reuse-stale"] if args.reuse_stale else []),
                           *(["--page", args.page] if args.page else []),
                           *(["--discussion", args.discussion] if args.discussion else [])])
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and not args.available_only:
+        reproduce.train_parallel([(n, "full" if n in full else args.scale) for n in names],
+                                 args.jobs, runs_dir, engine=args.engine,
+                                 threads=args.threads or 1, reuse_stale=args.reuse_stale,
+                                 archive=args.archive)
     outcomes = []
     for name in names:
         scale = "full" if name in full else args.scale
@@ -866,6 +883,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse finished runs made by code whose result-affecting source "
                         "differs from this code's (the report marks them stale); default: "
                         "run them again")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, in N processes (each with --threads torch "
+                        "threads, default 1): every run is trained once, by one of them, "
+                        "with the result it has alone; the reports follow when all are done "
+                        "(default 1)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -195,7 +195,7 @@ class Job:
         False, "send each commit and compute the next window while it travels; the center "
                "it pulls is taken at the next commit (one more window of staleness, counted "
                "in the commits' base versions); asynchronous algorithms that pull after a "
-               "commit, on net, ray and spark (not built in this version: refused)",
+               "commit, on net, ray and spark",
         group="commits")
     momentum_target: float | None = _what(
         None, "EXPERIMENTAL, asynchronous algorithms: set the inner optimizer's momentum (sgd "
@@ -242,9 +242,10 @@ class Job:
         if "window" in self.params:
             raise ConfigError("pass the window as window=..., not inside params")
         choose("compression", self.compression, CODECS)
-        if self.pipeline:  # no engine of this version implements it yet: never ignore it
-            raise ConfigError("pipeline is not built in this version of distgrad (it will "
-                              "run on net, ray and spark; sim and local will refuse it)")
+        if self.pipeline:  # before any engine starts: see distgrad.protocol.pipeline
+            from distgrad.protocol.pipeline import check as check_pipeline
+
+            check_pipeline(self)
         if self.momentum_target is not None:
             if algo.synchronous:
                 raise ConfigError(f"momentum_target compensates the implicit momentum of "

@@ -12,8 +12,9 @@
 The DataFrame has a ``features`` column — an array of numbers, or a Spark ML vector
 made by Spark ML's own transformers (``VectorAssembler``, ``StandardScaler``,
 ``MinMaxScaler``, ``OneHotEncoder``...) — and a numeric ``label`` column (e.g. from
-``StringIndexer``). distgrad writes no feature transformers of its own. Training runs
-on the ``spark`` engine (:mod:`distgrad.engines.spark`); prediction and evaluation run
+``StringIndexer``), or float regression targets (``label_type="float"``, or a regression
+``loss_fn`` such as ``F.mse_loss``). distgrad writes no feature transformers of its own.
+Training runs on the ``spark`` engine (:mod:`distgrad.engines.spark`); prediction and evaluation run
 the model over Arrow/pandas batches in each partition (never row by row), and the
 predictor works on streaming DataFrames too.
 """
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distgrad.data.tasks import mse
 from distgrad.engines.spark import (
     SparkEngine,
     as_feature_frame,
@@ -83,11 +85,17 @@ class SparkTrainer:
     ``seed``, ``eval_every``...). ``out`` writes a run directory like ``distgrad train``
     (``overwrite=True`` replaces an existing one); a fit that fails removes the run
     directory it created, so the same call can simply be repeated.
+
+    ``label_type``: ``long`` (class labels; Spark ML's double-typed indices are cast) or
+    ``float`` (regression targets, kept as floats); ``auto`` (default) takes ``float``
+    for a regression loss (MSE, L1, Huber, smooth L1) and ``long`` otherwise. The loss
+    defaults to cross-entropy, or MSE for ``label_type="float"``.
     """
 
     def __init__(self, model: nn.Module, algorithm: str = "adag", workers: int = 2, *,
                  features_col: str = "features", label_col: str = "label",
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 label_type: str = "auto",
                  out: str | Path | None = None, overwrite: bool = False,
                  max_failures: int = 4,
                  eval_rows: int = 2000, engine: SparkEngine | None = None,
@@ -98,7 +106,8 @@ class SparkTrainer:
             raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
         self.model = model
         self.features_col, self.label_col = features_col, label_col
-        self.loss_fn = loss_fn or F.cross_entropy
+        self.label_type = label_type_of(label_type, loss_fn)
+        self.loss_fn = loss_fn or (mse if self.label_type == "float" else F.cross_entropy)
         self.out, self.overwrite = out, overwrite
         self.eval_rows = positive_int("eval_rows", eval_rows)
         self.job = Job(algorithm=algorithm, workers=workers, engine="spark", **job_fields)
@@ -115,7 +124,8 @@ class SparkTrainer:
         from distgrad.rundir import prepare_out
 
         spark = _session()
-        df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col)
+        df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col,
+                              self.label_type)
         rows = df.count()
         if rows < int(self.job.workers):  # type: ignore[arg-type]
             raise ConfigError(f"{rows} training rows for {self.job.workers} workers")
@@ -125,10 +135,10 @@ class SparkTrainer:
             evaluated_on = f"first {self.eval_rows} training rows (no validation DataFrame)"
         else:
             val = as_feature_frame(_frame(spark, validation), self.features_col,
-                                   self.label_col)
+                                   self.label_col, self.label_type)
         pdf = val.toPandas()
         x_val = torch.from_numpy(_features(pdf["features"]))
-        y_val = torch.from_numpy(pdf["label"].to_numpy().astype(np.int64))
+        y_val = _labels(pdf["label"], self.label_type)
         dataset = Dataset("spark", x_val[:1], y_val[:1], x_val, y_val)  # (classes: labels)
         existed = self.out is not None and Path(self.out).exists()
         out_dir = prepare_out(self.out, overwrite=self.overwrite)
@@ -152,9 +162,11 @@ class SparkTrainer:
         outcome = run.execute(self.engine, lambda: self.engine.train_frame(
             spark, df, self.job, self.model, self.loss_fn, run.server, run.recorder, run.evals))
 
-        def train_metrics(trained: nn.Module) -> dict[str, float]:
-            m = SparkEvaluator(trained, loss_fn=self.loss_fn).evaluate(df)
-            return {"acc": m["accuracy"], "loss": m["loss"]}
+        def train_metrics(trained: nn.Module) -> dict[str, float | None]:
+            m = SparkEvaluator(trained, loss_fn=self.loss_fn,
+                               label_type=self.label_type).evaluate(df)
+            return {"acc": m["accuracy"], "loss": m["loss"],
+                    **{k: m[k] for k in ("mse", "r2") if k in m}}
 
         result = run.finalize(outcome, train_metrics=train_metrics,
                               extra={"model": type(self.model).__name__, "rows": rows,
@@ -215,24 +227,49 @@ class SparkPredictor:
         return df2.drop(tmp)
 
 
+def label_type_of(label_type: str, loss_fn: Any) -> str:
+    """``long`` or ``float``: the kind of labels (see :class:`SparkTrainer`)."""
+    from distgrad.errors import choose
+
+    choose("label_type", label_type, ("auto", "long", "float"))
+    if label_type != "auto":
+        return label_type
+    return "float" if loss_fn is not None and loss_fn in REGRESSION_LOSSES else "long"
+
+
+#: losses that compare float targets: ``label_type="auto"`` keeps the labels as floats
+REGRESSION_LOSSES = (mse, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+
+
+def _labels(series: Any, label_type: str) -> torch.Tensor:
+    """A pandas label column as class labels (int64) or regression targets (float32)."""
+    values = series.to_numpy()
+    return torch.from_numpy(values.astype(np.int64 if label_type == "long" else np.float32))
+
+
 class SparkEvaluator:
     """Accuracy and mean loss of ``model`` over a DataFrame, computed in the partitions
-    (batches of ``batch_size``) and summed on the driver: one Spark job."""
+    (batches of ``batch_size``) and summed on the driver: one Spark job.
+
+    With ``label_type="float"`` (regression targets; ``auto`` as in :class:`SparkTrainer`)
+    ``accuracy`` is None and ``mse`` and ``r2`` are given instead."""
 
     def __init__(self, model: nn.Module, *, features_col: str = "features",
                  label_col: str = "label",
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 batch_size: int = 1024) -> None:
+                 label_type: str = "auto", batch_size: int = 1024) -> None:
         self.model = model
         self.features_col, self.label_col = features_col, label_col
-        self.loss_fn = loss_fn or F.cross_entropy
+        self.label_type = label_type_of(label_type, loss_fn)
+        self.loss_fn = loss_fn or (mse if self.label_type == "float" else F.cross_entropy)
         self.batch_size = positive_int("batch_size", batch_size)
 
-    def evaluate(self, data: Any) -> Mapping[str, float]:
+    def evaluate(self, data: Any) -> Mapping[str, float | None]:
         spark = _session()
-        df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col)
+        df = as_feature_frame(_frame(spark, data), self.features_col, self.label_col,
+                              self.label_type)
         outputs = _model_fn(self.model, self.batch_size)
-        loss_fn = self.loss_fn
+        loss_fn, label_type = self.loss_fn, self.label_type
 
         def partial(batches: Iterator[Any]) -> Iterator[Any]:
             import pandas as pd
@@ -241,18 +278,30 @@ class SparkEvaluator:
                 if len(pdf) == 0:
                     continue
                 out = outputs(_features(pdf["features"]))
-                y = torch.from_numpy(pdf["label"].to_numpy().astype(np.int64))
+                y = _labels(pdf["label"], label_type)
                 loss = float(loss_fn(out, y)) * len(y)
-                correct = int((out.argmax(dim=1) == y).sum())
-                yield pd.DataFrame({"n": [len(y)], "correct": [correct], "loss": [loss]})
+                if label_type == "long":
+                    correct, sse = int((out.argmax(dim=1) == y).sum()), 0.0
+                else:
+                    pred = out.squeeze(-1) if out.dim() == 2 and out.shape[1] == 1 else out
+                    correct, sse = 0, float(((pred - y) ** 2).sum())
+                yield pd.DataFrame({"n": [len(y)], "correct": [correct], "loss": [loss],
+                                    "sse": [sse], "sy": [float(y.double().sum())],
+                                    "syy": [float((y.double() ** 2).sum())]})
 
-        row = (df.mapInPandas(partial, "n long, correct long, loss double")
+        row = (df.mapInPandas(partial, "n long, correct long, loss double, sse double, "
+                                       "sy double, syy double")
                .groupBy().sum().collect()[0])
         n = row["sum(n)"] or 0
         if n == 0:
             raise ConfigError("cannot evaluate on an empty DataFrame")
-        return {"accuracy": row["sum(correct)"] / n, "loss": row["sum(loss)"] / n,
-                "count": float(n)}
+        if label_type == "long":
+            return {"accuracy": row["sum(correct)"] / n, "loss": row["sum(loss)"] / n,
+                    "count": float(n)}
+        var = row["sum(syy)"] / n - (row["sum(sy)"] / n) ** 2
+        err = row["sum(sse)"] / n
+        return {"accuracy": None, "loss": row["sum(loss)"] / n, "mse": err,
+                "r2": 1.0 - err / var if var > 0 else None, "count": float(n)}
 
 
 def accuracy(df: Any, prediction_col: str = "prediction", label_col: str = "label") -> float:

@@ -28,9 +28,17 @@ they finish together and no sample is lost: half at once, split in proportion to
 speed measured over their latest steps (:func:`split_by_speed`), the rest in pieces of
 eight batches to whichever worker runs low first (speeds change once a worker is gone).
 A Python exception inside a worker — including one raised while the worker rebuilds the
-job (a model class defined in ``__main__`` of a notebook cannot be unpickled there) —
-fails the whole run with that worker's traceback (every worker runs the same code;
+job — fails the whole run with that worker's traceback (every worker runs the same code;
 reassigning would only repeat it).
+
+The job reaches each worker pickled by reference, except classes and functions it could
+not import (defined in a notebook, ``python -c``, stdin or inside a function), which go
+by value (cloudpickle; :class:`JobShipper`). Per-worker streams are never pickled:
+each worker reopens them from the data factory, and its order holds virtual indices of
+stream samples (:func:`initial_order`, :class:`StreamOrder`), so reassignment,
+checkpoints and resume work on them unchanged — a dead worker's rest goes to the heirs
+as contiguous runs of its stream, all at once (no pool of small pieces: each piece would
+reopen the stream). ``timing.fixed_order`` visits each shard in one order every pass.
 Worker processes ignore SIGINT and SIGTERM (the parent orchestrates both), exit quietly
 on any disconnect and die with the parent (``PR_SET_PDEATHSIG`` on Linux, a watchdog
 thread elsewhere), so none lingers. SIGINT and SIGTERM stop every worker, write a final
@@ -65,18 +73,20 @@ import io
 import logging
 import math
 import os
+import pickle
 import signal
 import struct
 import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import ChainMap, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -84,7 +94,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from distgrad.algorithms.base import StepStats
-from distgrad.entry import ref_of
+from distgrad.data.streams import StreamSource, WorkerStreams
+from distgrad.entry import interactive_main, ref_of
 from distgrad.errors import ConfigError
 from distgrad.protocol.core import ProtocolCore
 from distgrad.protocol.driver import WorkerDriver, drive
@@ -267,37 +278,228 @@ class PipeChannel:
 
 
 def check_parts(*, model: Any, loss_fn: Any, streams: Any) -> None:
-    """What the ``local`` engine refuses before training (a ConfigError): per-worker
-    streams (it hands out indices of in-memory data), and a model or loss defined where
-    its worker processes cannot import it (a notebook, ``python -c``, stdin)."""
-    if streams is not None:
-        raise ConfigError("per-worker streams run on the sim, net and ray engines; the local "
-                          "engine hands out indices of in-memory data (return (X, y) tensors "
-                          "or a map-style Dataset from the data factory)")
+    """What the ``local`` engine refuses before training (a one-line ConfigError naming the
+    object): a model or loss its worker processes can receive neither by reference (they
+    cannot import it: defined in a notebook, ``python -c``, stdin or inside a function) nor
+    by value (cloudpickle fails on it, e.g. it holds a lock or an open file). Per-worker
+    ``streams`` are accepted: each worker process reopens them from the data factory."""
     for obj, what in ((model, "model"), (loss_fn, "loss_fn")):
         if obj is None:
             continue
         target = obj if callable(obj) and not isinstance(obj, nn.Module) else type(obj)
-        if ref_of(target) is None:
+        if ref_of(target) is not None and (getattr(target, "__module__", None) != "__main__"
+                                           or main_rerunnable()):
+            continue  # imported by reference, as before
+        import cloudpickle
+
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as exc:
             name = getattr(target, "__qualname__", type(obj).__name__)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise ConfigError(
-                f"{what} {name!r} is defined in an interactive session (notebook, python -c, "
-                f"stdin) or inside a function; the local engine's worker processes cannot "
-                f"import it. Move it into a module (a .py file on sys.path) and import it "
-                f"from there, or use engine='sim'")
+                f"{what} {name!r} cannot be sent to the local engine's worker processes: it "
+                f"is defined where they cannot import it (notebook, python -c, stdin, or "
+                f"inside a function) and cannot be pickled by value ({reason}); define it at "
+                f"module level in a .py file on sys.path, or use engine='sim'") from None
+
+
+def main_rerunnable() -> bool:
+    """Whether a spawned worker re-runs ``__main__`` (behind its ``if __name__ ==
+    "__main__":`` guard) and so can import what it defines: a script file or ``python -m``;
+    not a notebook, ``python -c`` or stdin (which Python 3.11 names ``<stdin>``, a file that
+    does not exist: :func:`distgrad.entry.interactive_main` misses that case)."""
+    main = sys.modules.get("__main__")
+    if main is None or interactive_main():
+        return False
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True
+    from multiprocessing import process
+
+    return os.path.isfile(os.path.join(process.ORIGINAL_DIR or "", main.__file__))
+
+
+@contextlib.contextmanager
+def _spawnable_main() -> Iterator[None]:
+    """While a worker process is spawned: hide a ``__main__.__file__`` that names no file
+    (``<stdin>``), which ``multiprocessing`` would make the child re-run (it dies with
+    FileNotFoundError before any of our code). What that ``__main__`` defines reaches the
+    worker by value (:class:`JobShipper`)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or main_rerunnable():
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
+def _dumps_by_value(obj: Any) -> bytes:
+    """``obj`` pickled with cloudpickle (classes and functions a worker cannot import go
+    by value) and torch's shared-memory reducers (shared tensors travel as handles)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import cloudpickle
+
+    class _ByValue(cloudpickle.CloudPickler):
+        dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+            ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+            cloudpickle.CloudPickler.dispatch_table)
+
+    buf = io.BytesIO()
+    _ByValue(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+class JobShipper:
+    """The job's parts pickled for each spawned worker process (local IPC between this
+    user's own processes, never network data): by reference with ``ForkingPickler`` where
+    the worker can import every class and function they name; by value
+    (:func:`_dumps_by_value`) where it cannot — everything of an interactive ``__main__``
+    (notebook, ``python -c``, stdin: no file a worker could re-run), or, from a script, a
+    class or function defined inside a function, or a lambda. Called once per worker (a
+    shared tensor's handle is taken only once); once pickling by reference failed, the
+    next workers' parts go by value at once (a failed attempt leaves handles no process
+    takes). What cannot be pickled either way (a lock, an open file in a dataset object)
+    is a one-line ConfigError."""
+
+    def __init__(self, parts: RunParts) -> None:
+        self.parts = parts
+        self.by_value = not main_rerunnable()
+
+    def __call__(self) -> bytes:
+        from multiprocessing.reduction import ForkingPickler
+
+        try:
+            if not self.by_value:
+                try:
+                    return bytes(ForkingPickler.dumps(self.parts))
+                except (pickle.PicklingError, AttributeError):  # a local class, a lambda
+                    self.by_value = True
+            return _dumps_by_value(self.parts)
+        except Exception as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ConfigError(f"the local engine cannot send the job (model, data, loss) to "
+                              f"its worker processes: {reason}; use objects defined at "
+                              f"module level in a .py file, or engine='sim'") from None
+
+
+# --------------------------------------------------------------------------- batch orders
+#: a per-worker stream's sample s of worker j is the virtual index j * _STREAM_SPAN + s
+_STREAM_SPAN = 1 << 40
+
+
+def initial_order(parts: RunParts, k: int) -> np.ndarray:
+    """Worker k's whole visiting order at the start of a run: indices of the in-memory
+    training data, re-shuffled each pass from the worker's seed (as ``sim``), or the shard
+    in the same order every pass with ``timing.fixed_order`` (dist-keras; as ``sim``); with
+    per-worker streams, virtual indices ``k * _STREAM_SPAN + s`` of its stream's samples
+    ``s`` (every epoch in turn; :class:`StreamOrder` reads them)."""
+    job = parts.job
+    if parts.streams is not None:
+        return k * _STREAM_SPAN + np.arange(job.epochs * len(parts.shards[k]), dtype=np.int64)
+    fixed = job.timing.fixed_order
+    return BatchSource(parts.dataset.x_train, parts.dataset.y_train, parts.shards[k],
+                       job.batch_size, job.epochs,
+                       seed=0 if fixed else _worker_seed(job.seed, k),
+                       shuffle=not fixed).order
+
+
+class StreamOrder(BatchSource):
+    """A ``local`` worker's batches from per-worker streams, over an order of virtual
+    indices (:func:`initial_order`): its own stream, then any run of another worker's
+    stream it took over from a dead worker (``extend``). Each run of consecutive indices
+    of stream j is read by opening worker j's stream at that sample
+    (:class:`~distgrad.data.streams.StreamSource`: it skips what comes before and checks
+    the declared counts); batches are the stream's own, cut at the run's end. Order,
+    position and snapshots are a :class:`BatchSource`'s, so the parent's bookkeeping
+    (reassignment, checkpoints, resume) is the same as for in-memory data."""
+
+    def __init__(self, streams: WorkerStreams, workers: int, epochs: int, seed: int,
+                 order: np.ndarray, batch_size: int,
+                 device: str | torch.device = "cpu") -> None:
+        self.streams, self.workers, self.epochs, self.seed = streams, workers, epochs, seed
+        self.x = self.y = None  # type: ignore[assignment]
+        self.batch_size = batch_size
+        self.order = np.asarray(order, dtype=np.int64)
+        self.position = 0
+        self.device = torch.device(device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while self.position < len(self.order):
+            rest = self.order[self.position:]
+            breaks = np.flatnonzero(rest != rest[0] + np.arange(len(rest)))
+            want = int(breaks[0]) if len(breaks) else len(rest)
+            j, s = divmod(int(rest[0]), _STREAM_SPAN)
+            src = self._open(j, s)
+            for x, y in src:
+                take = min(int(y.shape[0]), want)
+                self.position += take
+                want -= take
+                yield x[:take], y[:take]
+                if want == 0:
+                    break
+            if want:
+                raise RuntimeError(f"worker {j}'s stream ended {want} samples before the "
+                                   f"{src.total} declared")
+
+    def _open(self, j: int, s: int) -> StreamSource:
+        """Worker j's stream from its sample ``s`` (counted over every epoch): opened at
+        the epoch holding it, so the epochs before it are not read again."""
+        per = self.streams.per_worker(self.workers)[j]
+        first = s // per
+        make = self.streams.make
+
+        def shifted(*, worker: int, workers: int, epoch: int, seed: int) -> Any:
+            return make(worker=worker, workers=workers, epoch=epoch + first, seed=seed)
+
+        src = StreamSource(replace(self.streams, make=shifted), j, self.workers,
+                           self.epochs - first, self.seed, self.batch_size, device=self.device)
+        src.position = s - first * per  # skipped within that epoch
+        return src
+
+
+def reopen_streams(parts: RunParts) -> RunParts:
+    """``parts`` with per-worker streams rebuilt from the job's data factory (in a worker
+    process: the streams are never pickled; the factory is called under the job's seed as
+    in the parent, and must declare the same sample counts)."""
+    from distgrad.parts import load_data
+
+    job = parts.job
+    streams = getattr(load_data(job), "streams", None)
+    if streams is None:
+        raise RuntimeError(f"the data factory {job.dataset!r} returned per-worker streams in "
+                           "the parent process but not in this worker process")
+    counts = streams.per_worker(len(parts.shards))
+    if counts != [len(s) for s in parts.shards]:
+        raise RuntimeError(f"the data factory {job.dataset!r} declared {counts} samples per "
+                           f"worker here, {[len(s) for s in parts.shards]} in the parent")
+    return replace(parts, streams=streams)
+
+
+def _batches(parts: RunParts, order: np.ndarray, device: str) -> BatchSource:
+    """The batch source of a worker visiting ``order`` (indices, or virtual stream indices)."""
+    job = parts.job
+    if parts.streams is not None:
+        return StreamOrder(parts.streams, len(parts.shards), job.epochs, job.seed, order,
+                           job.batch_size, device=device)
+    return BatchSource.from_order(parts.dataset.x_train, parts.dataset.y_train, order,
+                                  job.batch_size, device=device)
 
 
 def build_worker(k: int, parts: RunParts, base: torch.Tensor, payload: torch.Tensor,
                  device: str = "cpu", order: np.ndarray | None = None,
                  state: bytes | None = None) -> tuple[Worker, WorkerDriver]:
     """Worker k and its driver as worker process k runs them: on the CPU the replica's
-    pull and commit buffers are the shared ``base`` and ``payload``; ``order`` and
+    pull and commit buffers are the shared ``base`` and ``payload``; its batches visit
+    ``order`` (default :func:`initial_order`, as the parent computes it); ``order`` and
     ``state`` as in :func:`_worker_main`."""
     worker = parts.make_worker(k, device=device)
-    if order is not None:
-        worker.batches = BatchSource.from_order(
-            parts.dataset.x_train, parts.dataset.y_train, order, parts.job.batch_size,
-            device=device)
+    worker.batches = _batches(parts, initial_order(parts, k) if order is None else order,
+                              device)
     rep = worker.rep
     if rep.params.device.type == "cpu":  # the replica reads and writes the shared buffers
         rep.base, rep.payload = base, payload
@@ -337,15 +539,18 @@ def _die_with_parent(parent: int | None) -> None:
 def _worker_main(k: int, parts_blob: bytes, base: torch.Tensor, payload: torch.Tensor,
                  conn: Connection, device: str, order: np.ndarray | None,
                  threads: int, center: torch.Tensor | None, wanted: torch.Tensor | None = None,
-                 state: bytes | None = None, parent: int | None = None) -> None:
+                 state: bytes | None = None, parent: int | None = None,
+                 streams: bool = False) -> None:
     """Entry point of worker process k: rebuild the job, build the worker, drive it over
     the pipe.
 
     ``parts_blob`` is the job's :class:`RunParts` pickled by the parent
-    (``ForkingPickler``: shared tensors travel as handles); it is unpickled here, inside
-    the error handling, so a model or dataset this process cannot rebuild (a class
-    defined in a notebook's ``__main__``) fails the run with its traceback instead of
-    killing the process before it can say why. ``order`` replaces the worker's batch
+    (:class:`JobShipper`: shared tensors travel as handles, what this process could
+    not import by value); it is unpickled here, inside the error handling, so a model or
+    dataset this process cannot rebuild fails the run with its traceback instead of
+    killing the process before it can say why. ``streams``: the job's data factory
+    returns per-worker streams, reopened here (:func:`reopen_streams`; the blob holds
+    none). ``order`` replaces the worker's batch
     order (an older checkpoint's remaining samples); ``state`` (``torch.save`` bytes of
     ``{"worker", "driver"}``, from a checkpoint) restores the worker and its driver
     exactly where the snapshot was taken. ``parent`` is the parent's pid: this process
@@ -371,6 +576,8 @@ def _worker_main(k: int, parts_blob: bytes, base: torch.Tensor, payload: torch.T
         try:
             timing = parts.job.timing
             slow = timing.straggler_factor - 1.0 if k < timing.stragglers else 0.0
+            if streams:
+                parts = reopen_streams(parts)
             worker, driver = build_worker(k, parts, base, payload, device, order, state)
         except Exception:
             conn.send_bytes(bytes([_FAIL]) + traceback.format_exc().encode(errors="replace"))
@@ -387,9 +594,9 @@ def _worker_main(k: int, parts_blob: bytes, base: torch.Tensor, payload: torch.T
         return  # stopped, or the parent is gone: exit quietly instead of lingering
 
 
-_UNPICKLABLE = ("the worker process could not rebuild the job: a model, dataset or loss "
-                "defined in __main__ of a notebook, `python -c` or stdin cannot be loaded by "
-                "a worker process; define it in an importable module\n")
+_UNPICKLABLE = ("the worker process could not rebuild the job (a model, dataset or loss it "
+                "can neither import nor rebuild by value); define it in an importable "
+                "module\n")
 
 
 # --------------------------------------------------------------------------- parent side
@@ -497,8 +704,9 @@ class LocalEngine:
             # inherited as ignored (SIGINT of a background job `cmd &` in a script) stays so.
             old_handlers = {s: signal.signal(s, self._request_stop) for s in _STOP_SIGNALS
                             if signal.getsignal(s) is not signal.SIG_IGN}
-        from multiprocessing.reduction import ForkingPickler
-
+        # per-worker streams are never pickled: each worker reopens them from the factory
+        ship = JobShipper(parts if parts.streams is None else replace(
+            parts, streams=None, dataset=replace(parts.dataset)))  # (drops dataset.streams)
         try:  # a failure while starting them (a full event log) stops those started
             for k in range(n):
                 base = torch.zeros_like(server.center).share_memory_()
@@ -515,10 +723,11 @@ class LocalEngine:
                     done_already = self.resume is not None and len(orders[k]) == 0
                 proc = ctx.Process(
                     target=_worker_main, name=f"distgrad-worker-{k}", daemon=True,
-                    args=(k, bytes(ForkingPickler.dumps(parts)), base, payload, child_end,
+                    # pickled once per worker: a shared tensor's handle is taken only once
+                    args=(k, ship(), base, payload, child_end,
                           devices[k], orders[k] if self.resume and not exact else None,
                           threads, server.center if lock_free else None, self.wanted, blob,
-                          os.getpid()))
+                          os.getpid(), parts.streams is not None))
                 slot = _Slot(k, proc, parent_end, base, payload, orders[k])
                 self.slots.append(slot)
                 core_slot = self.core.slots[k]
@@ -538,7 +747,8 @@ class LocalEngine:
                 for sig in old_handlers if main_thread else ():
                     signal.signal(sig, signal.SIG_IGN)
                 try:
-                    proc.start()
+                    with _spawnable_main():
+                        proc.start()
                 finally:
                     for sig in old_handlers if main_thread else ():
                         signal.signal(sig, self._request_stop)
@@ -602,13 +812,7 @@ class LocalEngine:
                                     strict=True)]
         if self.resume is not None:
             return [np.asarray(o.numpy(), dtype=np.int64) for o in self.resume["orders"]]
-        orders = []
-        for k in range(len(parts.shards)):
-            src = BatchSource(parts.dataset.x_train, parts.dataset.y_train, parts.shards[k],
-                              parts.job.batch_size, parts.job.epochs,
-                              seed=_worker_seed(parts.job.seed, k))
-            orders.append(src.order)
-        return orders
+        return [initial_order(parts, k) for k in range(len(parts.shards))]
 
     # ------------------------------------------------------------------ serving loop
     def _serve(self) -> None:
@@ -777,7 +981,8 @@ class LocalEngine:
             # half now, split by measured speed so that all would finish together; the rest
             # is handed out in small pieces to whichever worker runs low first (speeds
             # change once a worker is gone), so that they do finish together
-            pooled = len(lost) // 2 if len(heirs) > 1 else 0
+            # (streams: all at once, one contiguous run per heir, each opened only once)
+            pooled = len(lost) // 2 if len(heirs) > 1 and self.parts.streams is None else 0
             now_part, self.spare = lost[:len(lost) - pooled], np.concatenate(
                 [self.spare, lost[len(lost) - pooled:]])
             self.pool_owner = slot.k

@@ -99,7 +99,8 @@ class NetEngine:
 
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
-        from distgrad.protocol.core import ProtocolCore
+        from distgrad.protocol.pipeline import make_core
+        from distgrad.transport.datacheck import welcome_data
         from distgrad.transport.jobspec import check_portable
         from distgrad.transport.server import NetServer
 
@@ -110,8 +111,8 @@ class NetEngine:
             return time.perf_counter() - start
 
         totals = [parts.job.epochs * len(s) for s in parts.shards]
-        core = ProtocolCore(server, recorder, clock, totals=totals, on_update=evals.maybe,
-                            schedule=self.replay)
+        core = make_core(parts.job, server, recorder, clock, totals=totals,
+                         on_update=evals.maybe, schedule=self.replay)
         if self.resume is not None:
             if self.resume.get("format") != CHECKPOINT_FORMAT:
                 raise ConfigError("the checkpoint was not written by the net engine "
@@ -153,7 +154,7 @@ class NetEngine:
         sizes = [p.numel() for p in parts.template.parameters() if p.requires_grad]
         net = NetServer(core, self.secret, bind=self.bind, port=self.port,
                         advertise=self.advertise, protection=self.protection,
-                        welcome={"job": parts.job.to_dict()},
+                        welcome={"job": parts.job.to_dict(), **welcome_data(parts)},
                         worker_timeout=self.worker_timeout, codec=parts.job.compression,
                         sizes=sizes)
         self.address = net.address

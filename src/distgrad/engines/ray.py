@@ -134,7 +134,7 @@ class ServerShard:
                  ) -> None:
         torch.set_num_threads(1)
         from distgrad.algorithms import get_algorithm
-        from distgrad.protocol.core import ProtocolCore
+        from distgrad.protocol.pipeline import make_core
         from distgrad.server import ParameterServer
 
         rule = get_algorithm(job.algorithm).server_rule(job.algorithm_config(), job.run_info())
@@ -142,8 +142,8 @@ class ServerShard:
                                       track_distance=job.track_distance)
         self.buffer = EventBuffer() if record else None
         self.t0 = t0
-        self.core = ProtocolCore(self.server, self.buffer, self.clock, totals=totals,
-                                 schedule=schedule)
+        self.core = make_core(job, self.server, self.buffer, self.clock, totals=totals,
+                              schedule=schedule)
         self.waiting: dict[tuple[int, int, int], asyncio.Future] = {}
 
     def clock(self) -> float:
@@ -284,13 +284,15 @@ class WorkerActor:
 
         from distgrad.parts import with_job_code
         from distgrad.protocol.driver import WorkerDriver, drive
+        from distgrad.protocol.pipeline import drive_pipelined
 
         k = self.k
         self.parts = with_job_code(self.parts)  # a job named by import paths: built here
         w = self.parts.make_worker(k)
         positions = ray.get([s.admit.remote(k, attempt) for s in shards])
         channel = RayChannel(shards, bounds, t0, crash_after)
-        drive(WorkerDriver(w, attempt=attempt, position=min(positions)), channel)
+        (drive_pipelined if self.parts.job.pipeline else drive)(
+            WorkerDriver(w, attempt=attempt, position=min(positions)), channel)
         return {"worker": k, "attempt": attempt, "commits": channel.commits}
 
 

@@ -13,6 +13,16 @@ Spark task attempt id) that fences the old one; it resumes its partition at the 
 sample whose commit the server already applied, with the current center. The
 partition is read again in the same order (the DataFrame is checkpointed once
 before the stage, so every attempt reads the same rows in the same order).
+
+**Data types.** The training rows keep their dtypes and shapes: float features stay
+float32, integer features (a language model's tokens) stay integers, class labels are
+longs, regression targets floats, a language model's targets one array per row; the
+task restores each sample's shape (:func:`frame_layout`).
+
+**Per-worker streams** (:class:`~distgrad.data.streams.WorkerStreams` from a data
+factory): no rows cross Spark; the stage runs over one row per worker (its id), and each
+task opens its worker's stream itself from the job's data import path, as a ``distgrad
+work`` process or a Ray actor does.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from distgrad.errors import ConfigError, positive_int
+from distgrad.errors import ConfigError, choose, positive_int
 
 if TYPE_CHECKING:
     from distgrad.metrics.events import Recorder
@@ -40,12 +50,9 @@ log = logging.getLogger("distgrad.spark")
 
 
 def check_parts(*, model: Any, loss_fn: Any, streams: Any) -> None:
-    """What the ``spark`` engine refuses before training (a ConfigError): per-worker
-    streams (its tasks are handed indices of in-memory data)."""
-    if streams is not None:
-        raise ConfigError("per-worker streams run on the sim, net and ray engines; the spark "
-                          "engine hands out indices of in-memory data (return (X, y) tensors "
-                          "or a map-style Dataset from the data factory)")
+    """What the ``spark`` engine refuses before training, beyond the common checks:
+    nothing. Objects travel in the task closure (Spark's own channel), per-worker streams
+    are opened by each task from the job's data import path."""
 
 
 def import_pyspark() -> Any:
@@ -105,9 +112,17 @@ def local_session(master: str, app: str = "distgrad") -> Any:
             .getOrCreate())
 
 
-def as_feature_frame(df: Any, features_col: str, label_col: str | None) -> Any:
+#: Spark SQL type of a ``label`` column by kind: class labels or regression targets
+LABEL_TYPES = {"long": "long", "float": "float"}
+
+
+def as_feature_frame(df: Any, features_col: str, label_col: str | None,
+                     label_type: str = "long") -> Any:
     """``features`` as an array column (Spark ML vectors go through Spark's own
-    ``vector_to_array``) and ``label``, renamed to the engine's column names."""
+    ``vector_to_array``) and ``label``, renamed to the engine's column names; the label
+    is cast to ``label_type`` (``long``: class labels, as Spark ML's double-typed
+    indices become; ``float``: regression targets)."""
+    choose("label_type", label_type, tuple(LABEL_TYPES))
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
@@ -121,28 +136,72 @@ def as_feature_frame(df: Any, features_col: str, label_col: str | None) -> Any:
     if label_col is not None:
         if label_col not in df.columns:
             raise ConfigError(f"no label column {label_col!r}; columns: {df.columns}")
-        cols.append(F.col(label_col).cast("long").alias("label"))
+        cols.append(F.col(label_col).cast(LABEL_TYPES[label_type]).alias("label"))
     return df.select(*cols)
 
 
-def arrow_to_tensors(batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate Arrow record batches (``features`` list<float>, ``label``) into tensors."""
+def _spark_type(t: torch.Tensor) -> str:
+    """The Spark SQL element type a tensor's values travel as: floats as ``float``
+    (float32), integers and booleans as ``long``."""
+    return "float" if t.is_floating_point() else "long"
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def frame_layout(x: Any, y: torch.Tensor) -> dict[str, Any]:
+    """What a task needs to rebuild the tensors of its rows exactly: each column's torch
+    dtype and per-sample shape (rows travel flattened)."""
+    return {"features": [_dtype_name(x), list(x.shape[1:])],
+            "label": [_dtype_name(y), list(y.shape[1:])]}
+
+
+def _column(batch: Any, name: str) -> np.ndarray:
+    """A column of an Arrow record batch as an array ``(rows,)`` (scalars) or ``(rows, w)``
+    (list columns: every row must have the same length)."""
+    import pyarrow as pa
+
+    col = batch.column(name)
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+            or pa.types.is_fixed_size_list(col.type)):
+        return col.to_numpy(zero_copy_only=False)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    w = len(values) // batch.num_rows
+    if w * batch.num_rows != len(values):
+        raise ValueError(f"all rows of the {name} column must have the same length")
+    return values.reshape(batch.num_rows, w)
+
+
+def _restore(a: np.ndarray, layout: list[Any] | None, features: bool) -> torch.Tensor:
+    """The tensor of a column's values: its recorded dtype and per-sample shape, or (rows
+    of a user's DataFrame) float32 features and the label's own type (integers as
+    int64 class labels, floats as float32 targets)."""
+    if layout is not None:
+        dtype, shape = getattr(torch, layout[0]), tuple(layout[1])
+        return torch.from_numpy(np.ascontiguousarray(a)).reshape(len(a), *shape).to(dtype)
+    if features or a.dtype.kind == "f":
+        return torch.from_numpy(a.astype(np.float32, copy=False))
+    return torch.from_numpy(a.astype(np.int64, copy=False))
+
+
+def arrow_to_tensors(batches: Iterator[Any], layout: dict[str, Any] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate Arrow record batches (``features`` list, ``label``) into tensors, in the
+    dtypes and shapes of ``layout`` (:func:`frame_layout`) when given."""
     xs, ys = [], []
-    width = None
     for b in batches:
         if b.num_rows == 0:
             continue
-        feats = b.column("features")
-        values = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        w = len(values) // b.num_rows
-        if w * b.num_rows != len(values) or (width is not None and w != width):
+        xs.append(_column(b, "features"))
+        ys.append(_column(b, "label"))
+        if xs[-1].ndim != 2 or xs[-1].shape[1:] != xs[0].shape[1:]:
             raise ValueError("all rows of the features column must have the same length")
-        width = w
-        xs.append(values.reshape(b.num_rows, w))
-        ys.append(b.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
     if not xs:
         raise ValueError("empty partition: every worker needs at least one row")
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    layout = layout or {}
+    return (_restore(np.concatenate(xs), layout.get("features"), True),
+            _restore(np.concatenate(ys), layout.get("label"), False))
 
 
 def _task(spec: dict[str, Any]) -> Any:
@@ -161,33 +220,60 @@ def _task(spec: dict[str, Any]) -> Any:
         attempt = ctx.taskAttemptId()  # unique and increasing within the application
         batches = [b for b in batches if b.num_rows]
         k = _partition_worker(batches, ctx.partitionId())
-        x, y = arrow_to_tensors(iter(batches))
         job = spec["job"]
         if isinstance(job, str):  # the job as JSON: model and loss by import path
             from distgrad.transport.jobspec import job_from_dict
 
             job = job_from_dict(json.loads(job))
         n = job.workers
+        if spec.get("streams"):  # this task opens its worker's stream itself
+            dataset, shards, streams = _stream_data(job)
+        else:
+            x, y = arrow_to_tensors(iter(batches), spec.get("layout"))
+            dataset, streams = Dataset("spark", x, y, x[:0], y[:0]), None
+            shards = [np.arange(len(y)) if i == k else np.empty(0, np.int64)
+                      for i in range(n)]
         parts = with_job_code(RunParts(
-            job=job, dataset=Dataset("spark", x, y, x[:0], y[:0]),
-            shards=[np.arange(len(y)) if i == k else np.empty(0, np.int64) for i in range(n)],
-            template=spec["template"], loss_fn=spec["loss_fn"]))
+            job=job, dataset=dataset, shards=shards, template=spec["template"],
+            loss_fn=spec["loss_fn"], streams=streams))
         if parts.step_fn is None and job.step is not None:
             from distgrad.entry import resolve
 
             parts.step_fn = resolve(job.step, "step")
         worker = parts.make_worker(k)
         with NetClient(spec["address"], spec["secret"], worker=k, attempt=attempt,
-                       total=job.epochs * len(y), timeout=spec["timeout"]) as client:
+                       total=worker.batches.total, timeout=spec["timeout"]) as client:
             fail = spec.get("inject_failure")
             if fail is not None and fail[0] == k and client.position == 0:  # first attempt
                 _fail_after(client, fail[1])
-            position = run_worker(client, worker)
+            position = run_worker(client, worker, pipeline=job.pipeline)
             yield pa.RecordBatch.from_pydict({
                 "worker": pa.array([k], pa.int64()), "attempt": pa.array([attempt], pa.int64()),
                 "samples": pa.array([position], pa.int64())})
 
     return run
+
+
+def _stream_data(job: Any) -> tuple[Any, list[np.ndarray], Any]:
+    """The stand-in data set, virtual shards and streams of a job whose data factory returns
+    per-worker streams, built in the task from the job's data import path (the streams
+    object itself, functions and generators, never travels)."""
+    from distgrad.parts import load_data
+
+    dataset = load_data(job)
+    streams = getattr(dataset, "streams", None)
+    if streams is None:
+        raise RuntimeError(f"the data factory {job.dataset!r} returned per-worker streams on "
+                           f"the driver but not in this Spark task (a different version of "
+                           f"the module on the executors?)")
+    shards = [np.arange(c, dtype=np.int64) for c in streams.per_worker(int(job.workers))]
+    return dataset, shards, streams
+
+
+def streams_frame(spark: Any, workers: int) -> Any:
+    """One row per worker (its id), one partition each: the stage of per-worker streams."""
+    rdd = spark.sparkContext.parallelize([(k,) for k in range(workers)], workers)
+    return spark.createDataFrame(rdd, "worker long")
 
 
 def _partition_worker(batches: list[Any], partition: int) -> int:
@@ -263,25 +349,40 @@ class SparkEngine:
 
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
+        streams = parts.streams is not None
+        if streams and self.dataframe is not None:
+            raise ConfigError("per-worker streams and a training DataFrame exclude each other")
         spark, made = self.session(len(parts.shards))
         try:
-            df = self.dataframe if self.dataframe is not None else shards_frame(spark, parts)
+            layout = None
+            if streams:
+                df = streams_frame(spark, len(parts.shards))
+            elif self.dataframe is not None:
+                df = self.dataframe
+            else:
+                df = shards_frame(spark, parts)
+                layout = frame_layout(parts.dataset.x_train, parts.dataset.y_train)
             return self.train_frame(spark, df, parts.job, parts.template, parts.loss_fn,
-                                    server, recorder, evals, portable=parts.portable)
+                                    server, recorder, evals, portable=parts.portable,
+                                    layout=layout, streams=streams)
         finally:
             if made:
                 spark.stop()
 
     def train_frame(self, spark: Any, df: Any, job: Any, template: Any, loss_fn: Any,
                     server: ParameterServer, recorder: Recorder, evals: EvalSchedule, *,
-                    portable: bool = False) -> float:
+                    portable: bool = False, layout: dict[str, Any] | None = None,
+                    streams: bool = False) -> float:
         """Run the barrier stage over ``df`` (columns ``features`` array<float>, ``label``),
         one partition per worker, serving the commits on this driver.
 
         ``portable``: the job names its model and loss (import paths or built-in names), so
         the tasks receive the job as JSON and build them themselves; otherwise the
-        ``template`` and ``loss_fn`` objects travel in the task closure (Spark pickles it)."""
-        from distgrad.protocol.core import ProtocolCore
+        ``template`` and ``loss_fn`` objects travel in the task closure (Spark pickles it).
+        ``layout``: the rows' dtypes and sample shapes (:func:`frame_layout`; None: float32
+        features, labels as their column's type). ``streams``: ``df`` holds one row per
+        worker and each task opens its worker's stream (:func:`streams_frame`)."""
+        from distgrad.protocol.pipeline import make_core
         from distgrad.transport.auth import new_secret
         from distgrad.transport.server import NetServer
 
@@ -302,8 +403,8 @@ class SparkEngine:
         host = spark.conf.get("spark.driver.host", "127.0.0.1")
         local = spark.sparkContext.master.startswith("local")
         secret = new_secret()
-        core = ProtocolCore(server, recorder, clock, on_update=evals.maybe,
-                            schedule=self.replay)
+        core = make_core(job, server, recorder, clock, on_update=evals.maybe,
+                         schedule=self.replay)
         net = NetServer(core, secret, bind="127.0.0.1" if local else "0.0.0.0",
                         advertise="127.0.0.1" if local else host,
                         worker_timeout=max(self.timeout * 4, 600.0))
@@ -311,7 +412,7 @@ class SparkEngine:
                 "template": None if portable else template,
                 "loss_fn": None if portable else loss_fn, "address": net.address,
                 "secret": secret, "timeout": self.timeout,
-                "inject_failure": self.inject_failure}
+                "inject_failure": self.inject_failure, "layout": layout, "streams": streams}
         thread = net.serve_in_thread()
         try:
             evals.maybe(0.0, server.version, 0)
@@ -339,16 +440,36 @@ def shards_frame(spark: Any, parts: RunParts) -> Any:
     Rows carry their ``worker`` and their ``pos`` in the shard: the frame is range-
     partitioned on ``worker`` and sorted on ``pos`` within each partition, and a task
     takes its worker id from its rows (a union of per-shard frames, as before, may be
-    merged into fewer partitions by Spark's planner)."""
+    merged into fewer partitions by Spark's planner).
+
+    Features and labels keep their kind (:func:`frame_layout` restores dtypes and shapes
+    in the task): float values travel as ``float``, integers (tokens, class labels) as
+    ``long``; a sample of more than one value as an array."""
     import pandas as pd
 
-    x, y = parts.dataset.x_train.numpy(), parts.dataset.y_train.numpy()
+    x, y = parts.dataset.x_train, parts.dataset.y_train
+    x_type, y_type = _spark_type(x), _spark_type(y)
+    multi = y.dim() > 1
     frames = []
     for k, shard in enumerate(parts.shards):
+        idx = torch.from_numpy(np.asarray(shard, dtype=np.int64))
+        xs, ys = _values(x[idx], x_type), _values(y[idx], y_type)
         frames.append(pd.DataFrame({"worker": np.full(len(shard), k, dtype=np.int64),
                                     "pos": np.arange(len(shard), dtype=np.int64),
-                                    "features": list(x[shard].astype(np.float32)),
-                                    "label": y[shard].astype(np.int64)}))
+                                    "features": list(_rows(xs)),
+                                    "label": list(_rows(ys)) if multi else ys}))
+    label = f"array<{y_type}>" if multi else y_type
     df = spark.createDataFrame(pd.concat(frames, ignore_index=True),
-                               "worker long, pos long, features array<float>, label long")
+                               f"worker long, pos long, features array<{x_type}>, "
+                               f"label {label}")
     return df.repartitionByRange(len(parts.shards), "worker").sortWithinPartitions("pos")
+
+
+def _values(t: torch.Tensor, spark_type: str) -> np.ndarray:
+    """A tensor's values as the numpy dtype of their Spark type (float32 or int64)."""
+    return t.to(torch.float32 if spark_type == "float" else torch.int64).numpy()
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """``a`` as one flat row per sample."""
+    return a.reshape(len(a), int(np.prod(a.shape[1:], dtype=np.int64)))

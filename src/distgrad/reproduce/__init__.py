@@ -20,8 +20,9 @@ from distgrad.errors import ConfigError, choose
 from distgrad.reproduce.beale import BEALE
 from distgrad.reproduce.experiments import E1, E2, E3, E4, E6, E7, STALENESS
 from distgrad.reproduce.momentum import MOMENTUM
-from distgrad.reproduce.report import machine, write_report
-from distgrad.reproduce.runner import execute_runs, load_runs, train_command
+from distgrad.reproduce.provenance import machine
+from distgrad.reproduce.report import write_report
+from distgrad.reproduce.runner import _stderr, execute_runs, load_runs, train_command
 from distgrad.reproduce.spec import SCALES, Claim, Experiment, Results, Verdict
 from distgrad.reproduce.timing_exps import TIMING_ORDER, WALL_TIME
 
@@ -92,6 +93,52 @@ def run_experiment(name: str, *, scale: str = "quick", out: str | Path, engine: 
     return Outcome(exp, results, verdicts, figures, report)
 
 
+def _train_worker(k: int, plan: list[tuple[str, str]], runs_dir: str, engine: str,
+                  threads: int, reuse_stale: bool, archive: str | None) -> None:
+    """One process of :func:`train_parallel`: every run of ``plan`` that no other process
+    holds, starting at experiment ``k`` (so that the processes spread)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    order = plan[k % len(plan):] + plan[:k % len(plan)]
+    for name, scale in order:
+        execute_runs(get_experiment(name), scale, Path(runs_dir), engine=engine,
+                     log=lambda msg: _stderr(f"[job {k}] {msg}"), reuse_stale=reuse_stale,
+                     archive=None if archive is None else Path(archive))
+
+
+def train_parallel(plan: list[tuple[str, str]], jobs: int, runs_dir: str | Path, *,
+                   engine: str = "sim", threads: int = 1, reuse_stale: bool = False,
+                   archive: str | Path | None = None) -> None:
+    """Train the runs of the experiments in ``plan`` ((name, scale) pairs) with ``jobs``
+    processes at once, each with ``threads`` torch threads. They share ``runs_dir``: a run
+    is trained by the one process that takes its lock (:func:`execute_runs`), so each run
+    is trained once; the results are what one process would get (every run is seeded).
+    Experiments that are simulations of their own (no runs) are left to the caller. A
+    process that fails does not stop the others; the caller's own pass then retrains
+    whatever is still missing."""
+    import multiprocessing
+
+    plan = [(n, s) for n, s in plan if get_experiment(n).execute is None]
+    if not plan:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_train_worker, name=f"reproduce-job-{k}",
+                         args=(k, plan, str(runs_dir), engine, threads, reuse_stale,
+                               None if archive is None else str(archive)))
+             for k in range(jobs)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
+
+
 def summary_counts(outcomes: list[Outcome]) -> dict[Any, int]:
     counts: dict[Any, int] = {True: 0, False: 0, None: 0}
     for o in outcomes:
@@ -101,4 +148,4 @@ def summary_counts(outcomes: list[Outcome]) -> dict[Any, int]:
 
 
 __all__ = ["EXPERIMENTS", "Experiment", "Outcome", "get_experiment", "names",
-           "run_experiment", "summary_counts"]
+           "run_experiment", "summary_counts", "train_parallel"]

@@ -194,7 +194,7 @@ def measure_costs(repeats: int = 20, *, size: int | None = None,
     if engine not in ("local", "distkeras"):
         raise ValueError(f"engine must be 'local' or 'distkeras', got {engine!r}")
     from distgrad.models import build_model
-    from distgrad.reproduce.report import machine
+    from distgrad.reproduce.provenance import machine
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

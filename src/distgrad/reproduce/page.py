@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distgrad.reproduce import thesis_data as T
-from distgrad.reproduce.report import HOLDS_MARK, _escape, machine, machine_line, render
+from distgrad.reproduce.provenance import machine, machine_line
+from distgrad.reproduce.report import HOLDS_MARK, _escape, render, runs_made_on
 
 if TYPE_CHECKING:
     from distgrad.reproduce import Outcome
@@ -118,11 +119,12 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         for _, v in o.verdicts:
             counts[v.holds] += 1
     m = machine()
+    made_on = runs_made_on([o.results for o in outcomes], m)
     minutes = sum(o.results.wall_seconds for o in outcomes) / 60
     lines = [
         "# Reproducing Hermans (2017) with distgrad", "",
         "This page is generated. Every number on it comes from the command below, run on "
-        "the machine below; rerun it to check (the simulator is deterministic for a seed). "
+        "the machines below; rerun it to check (the simulator is deterministic for a seed). "
         "Each experiment is a declarative configuration in `src/distgrad/reproduce/`; its "
         "claims are the falsifiable ones of the thesis (spec/thesis.md §5) plus the numbers "
         "of its figures and tables.", "",
@@ -133,6 +135,8 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
             if any(o.results.scale != scale for o in outcomes) else "")
         + f". *Machine:* {machine_line(m)}. *Compute:* {minutes:.0f} min of wall time in "
         "training and simulation.", "",
+        *([f"*Runs made on* (the page was built on the machine above, from their finished "
+           f"runs): {made_on}.", ""] if made_on else []),
         f"**Claims: {counts[True]} hold · {counts[False]} do not hold · {counts[None]} not "
         "tested here.**", "",
     ]

@@ -14,6 +14,9 @@ with the C kernels always in): an edit to a module a run never imported (the mul
 worker loop, a language-model dataset for an MNIST run) does not make it stale. The hashes
 are of the source as it was when this process first took them (:func:`file_hashes`), so an
 edit made while a long reproduction runs is not credited to its runs.
+
+A run also records the :func:`machine` it was made on, so a page built from runs made
+elsewhere (a larger machine that ran a grid in parallel) says so.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import ast
 import contextlib
 import functools
 import hashlib
+import os
+import platform
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 PACKAGE = Path(__file__).resolve().parent.parent
 """The ``distgrad`` package directory."""
@@ -103,10 +109,43 @@ def code_fingerprint(package: Path = PACKAGE, files: Iterable[str] | None = None
 
 
 def code_version() -> str | None:
-    """The git commit of the checkout (with ``+dirty`` when it has changes), or None."""
+    """The git commit of the checkout (with ``+dirty`` when it has changes); where there is
+    no git checkout (a copy of the tree sent to another machine), ``DISTGRAD_CODE_VERSION``
+    if set (the commit the copy was made from), else None."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=10"],
                              capture_output=True, text=True, check=True,
                              cwd=PACKAGE).stdout.strip()
-        return out or None
-    return None
+        if out:
+            return out
+    return os.environ.get("DISTGRAD_CODE_VERSION") or None
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, Python, torch (and its threads),
+    distgrad, the commit and the OS."""
+    import torch
+
+    import distgrad
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True, cwd=PACKAGE).stdout.strip() or None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "distgrad": distgrad.__version__, "commit": commit,
+            "threads": torch.get_num_threads(), "os": platform.platform(terse=True)}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    commit = f" (commit {m['commit']})" if m.get("commit") else ""
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} "
+            f"thread(s), Python {m['python']}, distgrad {m['distgrad']}{commit}, {m['os']}")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from distgrad.reproduce.provenance import machine_line
 from distgrad.reproduce.spec import Claim, Results, Verdict
 
 HOLDS_MARK = {True: "✅ holds", False: "❌ does not hold", None: "➖ not tested"}
@@ -51,34 +48,32 @@ def evaluate_claims(results: Results) -> list[tuple[Claim, Verdict]]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-
-    import distgrad
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "distgrad": distgrad.__version__, "commit": commit,
-            "threads": torch.get_num_threads(), "os": platform.platform(terse=True)}
+def host_line(m: dict[str, Any]) -> str:
+    """A machine as far as it decides a run's numbers and speed (no commit or threads)."""
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['os']}"
 
 
-def machine_line(m: dict[str, Any]) -> str:
-    commit = f" (commit {m['commit']})" if m.get("commit") else ""
-    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} "
-            f"thread(s), Python {m['python']}, distgrad {m['distgrad']}{commit}, {m['os']}")
+def run_machines(results: Results) -> dict[str, int]:
+    """How many of ``results``' runs each machine made (:func:`host_line`; ``"not
+    recorded"`` for runs from before machines were recorded)."""
+    counts: dict[str, int] = {}
+    for run in results.runs.values():
+        line = host_line(run.machine) if run.machine else "not recorded"
+        counts[line] = counts.get(line, 0) + 1
+    return counts
+
+
+def runs_made_on(results: Results | list[Results], here: dict[str, Any] | None) -> str:
+    """Where the runs were made, when any was made on another machine than ``here`` (the
+    one writing the report): "MACHINE (N runs); ..."; "" otherwise."""
+    counts: dict[str, int] = {}
+    for r in results if isinstance(results, list) else [results]:
+        for line, k in run_machines(r).items():
+            counts[line] = counts.get(line, 0) + k
+    if set(counts) <= {None if here is None else host_line(here), "not recorded"}:
+        return ""
+    return "; ".join(f"{line} ({k} run{'s' if k != 1 else ''})"
+                     for line, k in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _escape(text: str) -> str:
@@ -140,6 +135,9 @@ def render(results: Results, verdicts: list[tuple[Claim, Verdict]],
         lines.append(f"*Compute:* {results.wall_seconds / 60:.1f} min of wall time  ")
     if machine_info:
         lines.append(f"*Machine:* {machine_line(machine_info)}  ")
+    made_on = runs_made_on(results, machine_info)
+    if made_on:
+        lines.append(f"*Runs made on:* {made_on}  ")
     if command:
         lines.append(f"*Command:* `{command}`")
     missing = results.data.get("missing") or []

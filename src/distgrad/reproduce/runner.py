@@ -15,7 +15,13 @@ from torch import nn
 from distgrad.job import train
 from distgrad.models import MLP, initialize
 from distgrad.reproduce.archive import archive_run, read_events_any
-from distgrad.reproduce.provenance import code_fingerprint, code_version, file_hashes, loaded_files
+from distgrad.reproduce.provenance import (
+    code_fingerprint,
+    code_version,
+    file_hashes,
+    loaded_files,
+    machine,
+)
 from distgrad.reproduce.spec import REPRO_MODELS, Experiment, Results, RunData, RunSpec, Setup
 
 Log = Callable[[str], None]
@@ -144,6 +150,7 @@ def _train_one(exp: Experiment, spec: RunSpec, setup: Setup, engine: str, out: P
     files = loaded_files()
     marker.write_text(json.dumps({**key, "code_fingerprint": code_fingerprint(files=files),
                                   "code_files": files, "code_version": code_version(),
+                                  "machine": machine(),
                                   "compute_seconds": time.perf_counter() - start},
                                  indent=1) + "\n")
     if archive is not None:
@@ -189,7 +196,8 @@ def load_runs(exp: Experiment, scale: str, runs_dir: Path, *,
         results.runs[spec.label] = RunData(label=spec.label, spec=spec, summary=summary,
                                            events=read_events_any(path),
                                            path=path,
-                                           stale=saved is None or is_stale(saved))
+                                           stale=saved is None or is_stale(saved),
+                                           machine=saved.get("machine"))
         results.wall_seconds += float(summary.get("wall_seconds") or 0.0)
     return results
 

@@ -232,6 +232,9 @@ class RunData:
     path: Path | None = None
     #: made by code whose result-affecting source differs from this code's
     stale: bool = False
+    #: the machine it was made on (:func:`~distgrad.reproduce.provenance.machine`; None
+    #: for runs from before machines were recorded)
+    machine: dict[str, Any] | None = None
 
     @property
     def step_time(self) -> float:

@@ -41,6 +41,7 @@ from distgrad.protocol.messages import (
     StatsRequest,
     reply_kind,
 )
+from distgrad.protocol.pipeline import drive_pipelined
 from distgrad.transport import auth
 from distgrad.transport.buffers import BufferPool
 from distgrad.transport.frames import (
@@ -556,11 +557,15 @@ def _pulled_only(h: Header, seq: int, dest: memoryview) -> bool:
                                      and not h.flags & Flag.REPLY)
 
 
-def run_worker(client: NetClient, worker: Worker) -> int:
+def run_worker(client: NetClient, worker: Worker, pipeline: bool | None = None) -> int:
     """Serve ``worker``'s requests over ``client`` until its data is done, resuming at the
     position the server gave; return the position reached (samples committed). A failure
     is reported to the server, then re-raised. Compressed commits travel as their codec's
-    bytes."""
+    bytes. ``pipeline``: commits travel while the worker computes its next window
+    (:mod:`distgrad.protocol.pipeline`); None: as the job in the server's WELCOME says."""
     driver = WorkerDriver(worker, attempt=client.attempt, position=client.position)
-    drive(driver, client)
+    if pipeline is None:
+        job = client.info.get("job")
+        pipeline = isinstance(job, dict) and bool(job.get("pipeline", False))
+    (drive_pipelined if pipeline else drive)(driver, client)
     return driver.position

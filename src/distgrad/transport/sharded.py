@@ -1,12 +1,20 @@
 """A sharded network parameter server (``distgrad serve --shards S``), as in DistBelief.
 
-The center is cut into S contiguous slices. Each slice has its own
-:class:`~distgrad.server.ParameterServer` (the algorithm's server rule over that slice),
-its own :class:`~distgrad.protocol.core.ProtocolCore` and its own
-:class:`~distgrad.transport.server.NetServer` on its own port and thread, so the server
-side of a run moves S streams at once: the bandwidth a parameter server can take grows
-with the shards (with S hosts' NICs once shards run on separate hosts; here, S threads of
-one ``serve`` process whose copies, crypto and arithmetic release the GIL).
+The center is cut into S contiguous slices, each served by its own *process* (``spawn``,
+one torch thread each; :mod:`distgrad.transport.shard_proc`): the center is one
+shared-memory tensor, and shard i's process owns the slice ``[a_i, b_i)`` with its own
+:class:`~distgrad.server.ParameterServer` (the algorithm's server rule over that slice,
+built in the shard process from the job), its own
+:class:`~distgrad.protocol.core.ProtocolCore` and its own
+:class:`~distgrad.transport.server.NetServer` on its own port (``--port P``: P + i). So
+the server side of a run moves S streams at once, and the shards' arithmetic, copies and
+crypto run on S cores without sharing a GIL: the bandwidth a parameter server can take
+grows with the shards (with S hosts' NICs once shards run on separate hosts). The
+``serve`` process itself serves no worker: it starts the shards, gives every shard the
+table of all shards' addresses (in every WELCOME before any worker is admitted), merges
+their events into the one event log (:class:`ShardMerger`) and runs the evaluations, which
+read the shared center. A shard process that fails or dies ends the run with its error
+(the others are stopped); SIGINT/SIGTERM of ``serve`` stops them all.
 
 On the worker side a :class:`ShardedChannel` (what :func:`connect` returns when the
 server it reaches lists shards in its WELCOME) holds one authenticated
@@ -24,14 +32,19 @@ give the bits of one server).
 What the event log shows: each commit once, with shard 0's version and staleness, the
 distance ‖θ̃_t − θ̃_{t−τ}‖ as the root of the sum of the shards' squared distances, the
 other metrics (ADAG's mean scale) as the size-weighted mean of the shards', and the bytes
-of all shards. Faults, pulls and steps are shard 0's. Evaluations read the whole center
-while other shards may be applying later commits.
+of all shards. Faults, pulls and steps are shard 0's (the other shards' faults are logged).
+An evaluation is run once every shard's part of the commit that triggers it has been
+merged, and reads the whole center while the shards may be applying later commits.
 
 Limits: rules whose arithmetic is not element-wise across the vector (a norm clip, a
 global reduction) would differ from one server; every built-in rule is element-wise
 except the ensemble's, whose members are whole models (refused). A commit the center
 guard refuses on one shard is refused there only (the worker then fails, as on any
-refusal). Compressed commits travel as float32 to the shards.
+refusal). Compressed commits (``--compress``) travel to each shard as the codec's bytes of
+its slice (:func:`slice_encoded`: int8 carries the scale of every parameter tensor the
+slice cuts into), so the bytes on the wire are the codec's size, as with one server. A
+sharded server does not
+checkpoint (``serve --shards`` refuses ``--checkpoint-every``/``--resume``).
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from distgrad.compression import Encoded
 from distgrad.engines.net import NetEngine
 from distgrad.errors import ConfigError, positive_int
 from distgrad.protocol.messages import (
@@ -89,6 +103,40 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def segment_sizes(sizes: list[int] | tuple[int, ...], a: int, b: int) -> list[int]:
+    """The element counts of the parameter tensors (``sizes``, in order) that the slice
+    ``[a, b)`` of the flat vector cuts into, clipped to it: the segments whose scales an
+    int8 slice carries (they sum to ``b - a``)."""
+    out, start = [], 0
+    for n in sizes:
+        lo, hi = max(start, a), min(start + n, b)
+        if hi > lo:
+            out.append(hi - lo)
+        start += n
+    return out
+
+
+def slice_encoded(enc: Encoded, a: int, b: int) -> Encoded:
+    """The compressed message of the slice ``[a, b)`` of what ``enc`` stands for, exactly:
+    its values ``data[a:b]``, and for int8 the scales of the tensors the slice cuts into,
+    with those segments as its sizes (decoding it gives ``decode(enc)[a:b]`` bit for bit)."""
+    scales = None
+    if enc.scales is not None:
+        first = [i for i, start in enumerate(_starts(enc.sizes))
+                 if start < b and start + enc.sizes[i] > a]
+        scales = enc.scales[first[0]:first[-1] + 1]
+    return Encoded(enc.codec, enc.data[a:b], scales,
+                   tuple(segment_sizes(enc.sizes, a, b)))
+
+
+def _starts(sizes: tuple[int, ...]) -> list[int]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(start)
+        start += n
+    return out
+
+
 # --------------------------------------------------------------------------- worker side
 
 
@@ -120,6 +168,9 @@ class ShardedChannel:
                                      f"[{a}, {b}) has {b - a}")
         #: per shard, the version the worker's next commit there is built on
         self.base = [0] * len(clients)
+        #: (shard 0's, every shard's) base versions of the pull before the last one: what a
+        #: pipelined commit is built on (:mod:`distgrad.protocol.pipeline`)
+        self._earlier: tuple[int, list[int]] | None = None
         # one thread per shard, so each socket always lives on the same thread
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-shard{i}")
                        for i in range(1, len(clients))]
@@ -151,13 +202,19 @@ class ShardedChannel:
             pulled = req.pull_into if req.pull_into is not None else torch.empty(
                 self.parameters)
 
+        base = self.base
+        if (self._earlier is not None and req.base_version == self._earlier[0]
+                and req.base_version != self.base[0]):  # pipelined: built on the pull before
+            base = self._earlier[1]
+
         def commit(i: int) -> Reply | None:
             a, b = self.bounds[i]
             part = CommitRequest(
-                req.worker, req.attempt, req.seq, base_version=self.base[i], steps=req.steps,
+                req.worker, req.attempt, req.seq, base_version=base[i], steps=req.steps,
                 samples=req.samples, position=req.position, payload=req.payload[a:b],
                 stale=None if req.stale is None else req.stale[a:b],
-                want_reply=req.want_reply, want_pull=req.want_pull, nbytes=req.nbytes)
+                want_reply=req.want_reply, want_pull=req.want_pull, nbytes=req.nbytes,
+                encoded=None if req.encoded is None else slice_encoded(req.encoded, a, b))
             r = self.clients[i].call(part)
             if req.want_reply:
                 self._take(r, "reply", req.payload, i)  # sent already: overwrite in place
@@ -208,6 +265,8 @@ class ShardedChannel:
         if len(rs) != len(self.clients):
             raise TransportError(f"{len(self.clients) - len(rs)} shard(s) sent no reply")
         if isinstance(req, CommitRequest) or (isinstance(req, PullRequest) and req.record):
+            self._earlier = (self.base[0], self.base) if isinstance(req, CommitRequest) \
+                else None
             self.base = [r.base_version for r in rs]
         first = rs[0]
         return Reply(first.worker, first.attempt, first.seq, first.version,
@@ -281,12 +340,14 @@ def _shard_list(value: Any) -> list[tuple[str, int, int]] | None:
 # --------------------------------------------------------------------------- server side
 
 
-class _Merger:
+class ShardMerger:
     """The shards' event sinks: commits and rounds reach the recorder once, merged across
-    shards (see the module docstring), and drive the evaluation schedule; everything
-    else is shard 0's. Called from the shards' threads."""
+    shards (see the module docstring), and drive the evaluation schedule (``evals``, when
+    given); everything else is shard 0's. Runs in the ``serve`` process: :meth:`handle`
+    takes the events the shard processes send
+    (:meth:`~distgrad.transport.shard_proc.ShardProcesses.serve`)."""
 
-    def __init__(self, recorder: Recorder, evals: EvalSchedule,
+    def __init__(self, recorder: Recorder, evals: EvalSchedule | None,
                  bounds: list[tuple[int, int]]) -> None:
         self.recorder = recorder
         self.evals = evals
@@ -294,9 +355,12 @@ class _Merger:
         self.lock = threading.Lock()
         self.pending: dict[tuple[Any, ...], list[tuple[int, Any, int | None]]] = {}
         self.version = 0
+        self.sinks = [_ShardSink(self, i) for i in range(len(bounds))]
 
-    def sink(self, i: int) -> _ShardSink:
-        return _ShardSink(self, i)
+    def handle(self, shard: int, method: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Shard ``shard``'s sink call ``method(*args, **kwargs)`` (one of the core's
+        ``EventSink`` methods)."""
+        getattr(self.sinks[shard], method)(*args, **kwargs)
 
     def add(self, key: tuple[Any, ...], shard: int, t: float, rec: Any,
             nbytes: int | None) -> None:
@@ -326,7 +390,8 @@ class _Merger:
                     rejected="; ".join(p[1].rejected for p in parts if p[1].rejected)),
                     nbytes=total)
             self.version = max(self.version, first.version)
-            self.evals.maybe(t, first.version, self.recorder.samples_committed)
+            if self.evals is not None:
+                self.evals.maybe(t, first.version, self.recorder.samples_committed)
 
     def _metrics(self, recs: list[Any]) -> dict[str, float]:
         names = set().union(*(r.metrics for r in recs))
@@ -341,7 +406,7 @@ class _Merger:
 class _ShardSink:
     """One shard's event sink (the core's ``EventSink``)."""
 
-    def __init__(self, merger: _Merger, shard: int) -> None:
+    def __init__(self, merger: ShardMerger, shard: int) -> None:
         self.merger = merger
         self.shard = shard
         self.commits: dict[int, int] = {}  # per worker: commits seen (the merge key)
@@ -378,43 +443,51 @@ class _ShardSink:
             self.merger.recorder.done(t, worker)
 
 
-def shard_servers(cores: list[Any], bounds: list[tuple[int, int]], secret: bytes,
-                  into: list[Any] | None = None, *, port: int = 0,
-                  welcome: dict[str, Any] | None = None, **options: Any) -> list[Any]:
-    """One :class:`~distgrad.transport.server.NetServer` per shard's core (``port``, when
-    not 0, is shard 0's; shard i listens on ``port + i``); each one's WELCOME lists every
-    shard's address and slice, and shard 0's also carries ``welcome``. ``into``: a list
-    the servers are appended to as they are made (so a caller can close them on an
-    error). ``options``: the other :class:`NetServer` keywords."""
-    from distgrad.transport.server import NetServer
+def job_core(parts: RunParts, totals: list[int], schedule: list[tuple[str, int]] | None,
+             index: int, view: torch.Tensor, sink: Any, clock: Callable[[], float]) -> Any:
+    """Shard ``index``'s protocol core over ``view`` (its slice of the shared center), run
+    in its shard process: the job's server rule (:meth:`RunParts.make_server`) and core
+    (:func:`~distgrad.protocol.pipeline.make_core`), as the ``net`` engine builds them.
+    ``parts``: :func:`server_parts` of the run's."""
+    from distgrad.protocol.pipeline import make_core
 
-    nets = into if into is not None else []
-    for i, core in enumerate(cores):
-        nets.append(NetServer(core, secret, port=port + i if port else 0,
-                              welcome=dict(welcome or {}) if i == 0 else {}, **options))
-    table = [{"address": n.address, "start": a, "stop": b}
-             for n, (a, b) in zip(nets, bounds, strict=True)]
-    for i, net in enumerate(nets):
-        net.welcome.update(shards=table, shard=i)
-    return nets
+    return make_core(parts.job, parts.make_server(view), sink, clock, totals=totals,
+                     schedule=None if schedule is None else list(schedule))
+
+
+def server_parts(parts: RunParts) -> RunParts:
+    """``parts`` less its data and model: what a shard process needs to build the server
+    side (the job and the number of workers), cheap to send."""
+    import dataclasses
+
+    import numpy as np
+
+    return dataclasses.replace(
+        parts, dataset=None, template=None, loss_fn=None, step_fn=None, streams=None,  # type: ignore[arg-type]
+        shards=[np.empty(0, dtype=np.int64) for _ in parts.shards])
 
 
 class ShardedNetEngine(NetEngine):
     """``distgrad serve --shards S``: the ``net`` engine with the center cut into S
-    slices, each served by its own parameter server, core, socket and thread. Takes
-    :class:`~distgrad.engines.net.NetEngine`'s options; ``port`` (when not 0) is shard
-    0's, shard i listens on ``port + i``. ``address`` / ``on_listen`` give shard 0's
-    address: workers connect there and learn the others from its WELCOME."""
+    slices, each served by its own process (its own parameter server, core and socket;
+    see the module docstring). Takes :class:`~distgrad.engines.net.NetEngine`'s options;
+    ``port`` (when not 0) is shard 0's, shard i listens on ``port + i``. ``address`` /
+    ``on_listen`` give shard 0's address: workers connect there and learn the others from
+    its WELCOME. ``pids``: the shard processes' ids while it runs."""
 
     def __init__(self, secret: bytes, shards: int = 2, **options: Any) -> None:
         super().__init__(secret, **options)
         self.shards = positive_int("shards", shards)
         self.addresses: list[str] = []
+        self.pids: list[int] = []
 
     def run(self, parts: RunParts, server: ParameterServer, recorder: Recorder,
             evals: EvalSchedule) -> float:
-        from distgrad.protocol.core import ProtocolCore
+        import functools
+
+        from distgrad.transport.datacheck import welcome_data
         from distgrad.transport.jobspec import check_portable
+        from distgrad.transport.shard_proc import ShardProcesses
 
         check_portable(parts)
         center = server.center
@@ -428,62 +501,43 @@ class ShardedNetEngine(NetEngine):
         def clock() -> float:
             return time.perf_counter() - start
 
+        def tick() -> None:
+            self.now = clock()
+
         totals = [parts.job.epochs * len(s) for s in parts.shards]
-        merger = _Merger(recorder, evals, bounds)
-        servers = [parts.make_server(center[a:b]) for a, b in bounds]  # views: one center
-        cores = [ProtocolCore(s, merger.sink(i), clock, totals=totals,
-                              schedule=None if self.replay is None else list(self.replay))
-                 for i, s in enumerate(servers)]
-        nets: list[Any] = []
+        merger = ShardMerger(recorder, evals, bounds)
+        build = functools.partial(job_core, server_parts(parts), totals, self.replay)
+        sizes = [p.numel() for p in parts.template.parameters() if p.requires_grad]
+        group = ShardProcesses(center, bounds, build, self.secret, port=self.port,
+                               welcome={"job": parts.job.to_dict(), **welcome_data(parts)},
+                               origin=start, rejoin_timeout=self.rejoin_timeout,
+                               linger=self.linger, bind=self.bind, advertise=self.advertise,
+                               protection=self.protection,
+                               worker_timeout=self.worker_timeout,
+                               codec=parts.job.compression,
+                               sizes=[segment_sizes(sizes, a, b) for a, b in bounds])
         try:
-            nets = shard_servers(cores, bounds, self.secret, nets, bind=self.bind,
-                                 port=self.port, advertise=self.advertise,
-                                 protection=self.protection,
-                                 welcome={"job": parts.job.to_dict()},
-                                 worker_timeout=self.worker_timeout)
-            self.addresses = [n.address for n in nets]
-            self.address = nets[0].address
+            self.addresses = group.start()
+            self.pids = group.pids
+            self.address = self.addresses[0]
             evals.maybe(0.0, server.version, 0)
             if self.on_listen is not None:
-                self.on_listen(nets[0].address)
-            log.info("sharded parameter server listening on %s (%d shards: %s)",
-                     nets[0].address, len(nets), ", ".join(self.addresses))
-            threads = [threading.Thread(target=self._serve, args=(net, core, clock, nets),
-                                        name=f"distgrad-shard{i}", daemon=True)
-                       for i, (net, core) in enumerate(zip(nets, cores, strict=True))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            errors = [n.error for n in nets if n.error is not None]
-            if errors:
-                raise RuntimeError(f"a shard of the parameter server failed: {errors[0]}"
-                                   ) from errors[0]
+                self.on_listen(self.address)
+            log.info("sharded parameter server listening on %s (%d shard processes: %s; "
+                     "pids %s)", self.address, len(bounds), ", ".join(self.addresses),
+                     " ".join(map(str, self.pids)))
+            finals = group.serve(merger.handle, tick=tick)
         finally:
-            for net in nets:
-                net.stop()
-                net.close()
-        first = servers[0]
-        server.version = first.version
-        server.base_version = list(first.base_version)
-        server.clock = list(first.clock)
-        server.active = set(first.active)
+            group.close()
+        first = finals[0]
+        assert first is not None  # serve() returns once every shard finished
+        server.version = first["version"]
+        server.base_version = list(first["base_version"])
+        server.clock = list(first["clock"])
+        server.active = set(first["active"])
         self.now = clock()
         return self.now
 
-    def _serve(self, net: Any, core: Any, clock: Callable[[], float], nets: list[Any]
-               ) -> None:
-        """One shard's loop (its own thread): serve until every worker is done or
-        abandoned, then linger to answer resent last requests (as the ``net`` engine).
-        A shard that fails stops the others."""
-        try:
-            self.serve_to_the_end(net, core, clock)
-        except BaseException as exc:  # re-raised by run() once every shard stopped
-            net.error = exc
-            log.exception("shard of the parameter server stopped by an error")
-            for other in nets:
-                other.stop()
 
-
-__all__ = ["MAX_SHARDS", "ShardedChannel", "ShardedNetEngine", "connect", "shard_bounds",
-           "shard_servers"]
+__all__ = ["MAX_SHARDS", "ShardMerger", "ShardedChannel", "ShardedNetEngine", "connect",
+           "job_core", "segment_sizes", "server_parts", "shard_bounds", "slice_encoded"]

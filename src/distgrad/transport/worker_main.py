@@ -1,7 +1,8 @@
 """``distgrad work``: worker processes that join a ``distgrad serve`` server.
 
 Each process authenticates, receives the job as JSON in the WELCOME, rebuilds
-the data shard and the model from it (:func:`parts_from_job`), resumes at the
+the data shard and the model from it (:func:`parts_from_job`), refuses to train on
+data other than the server's (:mod:`~distgrad.transport.datacheck`), resumes at the
 position the server gives (a worker started again continues where the dead one's
 commits stopped) and trains until its data is done. Several processes use the
 ``spawn`` start method and one torch thread each by default. A worker sends heartbeats
@@ -46,8 +47,10 @@ def work_one(address: str, secret: bytes, worker: int | None = None, threads: in
         logging.basicConfig(level=log_level,
                             format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     torch.set_num_threads(threads)
+    from distgrad.errors import ConfigError
     from distgrad.protocol.core import REJOIN
     from distgrad.transport.client import RemoteError, TransportError, run_worker
+    from distgrad.transport.datacheck import check_same_data
     from distgrad.transport.jobspec import job_from_dict, parts_from_job
     from distgrad.transport.sharded import connect
 
@@ -75,6 +78,12 @@ def work_one(address: str, secret: bytes, worker: int | None = None, threads: in
                     job_dict = client.info["job"]
                     parts = parts_from_job(job_from_dict(job_dict))
                 w = parts.make_worker(client.worker, device=device)
+            try:  # before any commit: this host built the server's data
+                check_same_data(client.info, parts, address)
+            except ConfigError as exc:
+                with contextlib.suppress(Exception):  # the server records why (best effort)
+                    client.fail(str(exc))
+                raise
             worker = client.worker
             log.info("worker %d attempt %d: %s, %d samples to go from sample %d",
                      client.worker, client.attempt, parts.job.algorithm,
