@@ -192,6 +192,7 @@ def _check_exactly_once(run: Path) -> dict:
     return s
 
 
+@pytest.mark.slow  # ~35 s: a partition past --worker-timeout
 def test_a_worker_host_partitioned_longer_than_the_worker_timeout(cluster: Cluster,
                                                                   tmp_path: Path) -> None:
     """Host 2's cable is pulled until the server has declared its worker dead, and a few
@@ -221,6 +222,7 @@ def test_a_worker_host_partitioned_longer_than_the_worker_timeout(cluster: Clust
     assert s["test_accuracy"] > 0.8
 
 
+@pytest.mark.slow  # ~25 s
 def test_a_worker_host_killed_and_replaced(cluster: Cluster, tmp_path: Path) -> None:
     secret, run, server, address = _serve_agn(cluster, tmp_path, "--worker-timeout", "10",
                                               "--rejoin-timeout", "60")
@@ -252,6 +254,7 @@ def test_killed_server_host_makes_the_workers_fail_loudly(cluster: Cluster,
         assert "TransportError" in Path(w.log).read_text()  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # ~30 s
 def test_killed_server_host_resumes_from_its_checkpoint(cluster: Cluster,
                                                         tmp_path: Path) -> None:
     port = "47000"
@@ -272,6 +275,7 @@ def test_killed_server_host_resumes_from_its_checkpoint(cluster: Cluster,
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~60 s: three `ray start`s
 def test_multi_node_ray_cluster_places_workers_on_other_hosts(cluster: Cluster,
                                                               tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="the ray extra is not installed")

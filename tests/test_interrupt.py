@@ -59,7 +59,8 @@ def pids_alive(pids: list[int]) -> list[int]:
 # SIGINT with --checkpoint-every after periodic checkpoints: test_local
 @pytest.mark.parametrize(("sig", "target", "moment", "every"), [
     (signal.SIGINT, "group", "start", None),          # Ctrl-C while the workers start
-    (signal.SIGTERM, "group", "commit", None),        # SLURM: the whole step, mid-run
+    pytest.param(signal.SIGTERM, "group", "commit", None,  # SLURM: the whole step, mid-run
+                 marks=pytest.mark.slow),
 ], ids=["sigint-at-start", "sigterm-group-mid-run"])
 def test_interrupt_writes_a_checkpoint_and_the_printed_resume_command_completes(
         tmp_path, sig, target, moment, every):

@@ -205,6 +205,7 @@ def _pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+@pytest.mark.slow  # ~50 s; test_interrupt covers Ctrl-C in the default suite
 def test_ctrl_c_stops_every_process_writes_the_run_and_resumes(tmp_path):
     """A real SIGINT to the CLI's process group, as a terminal's Ctrl-C sends."""
     out = tmp_path / "run"

@@ -154,7 +154,7 @@ def test_adag_pipelined_on_ray(mnist_small):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         job = Job(algorithm="adag", engine="ray", workers=2, window=WINDOW, epochs=1,
-                  batch_size=32, seed=1, lr=LR["adag"], pipeline=True)
+                  batch_size=32, seed=1, lr=LR["adag"], pipeline=True, model="cnn")
         x, y = mnist_small["data"]
         r = train(job, engine=RayEngine(), data=(x[:SAMPLES], y[:SAMPLES]),
                   test_data=mnist_small["test_data"])

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from test_readme import readme_block, run_block
 
 
+@pytest.mark.slow  # ~30 s: the README's recovery block as written
 def test_readme_recovery_block_kills_interrupts_and_resumes(tmp_path: Path) -> None:
     assert "--resume" in readme_block("local-recovery")
     r = run_block("local-recovery", tmp_path, timeout=420)

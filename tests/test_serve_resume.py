@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -213,6 +214,7 @@ def test_killed_and_terminated_server_resumes_and_workers_rejoin(tmp_path: Path)
     assert summary["test_accuracy"] > 0.5
 
 
+@pytest.mark.slow  # ~15 s of deliberate slowness
 def test_a_worker_slower_to_start_than_the_worker_timeout_is_not_declared_dead(
         tmp_path: Path) -> None:
     secret, run, port = tmp_path / "secret", tmp_path / "run", _free_port()
