@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,69 @@ def test_fingerprint_ignores_docstrings_and_comments_but_not_code(tmp_path):
     file_hashes.cache_clear()
     assert code_fingerprint(pkg, files=["a.py"]) != only_a
     file_hashes.cache_clear()
+
+
+SOURCE = '''"""Module doc."""
+import math
+
+
+def f(x, y=2):
+    """Function doc."""
+    if x:  # a comment
+        return f"{x!r:>{y}} {{literal}} {math.pi:.3f}"
+    return [x,
+            y]
+'''
+
+
+def test_the_fingerprint_is_the_same_under_every_python_and_ignores_layout(tmp_path):
+    from distgrad.reproduce.provenance import code_text
+
+    relaid = (SOURCE.replace('"""Function doc."""', "# no docstring now")
+              .replace("[x,\n            y]", "[ x, y ]").replace("# a comment", ""))
+    assert code_text(relaid) == code_text(SOURCE)
+    for changed in (SOURCE.replace("{y}}", "{x}}"), SOURCE.replace("y=2", "y=3"),
+                    SOURCE.replace("    return [x,", "        return [x,")):  # indentation
+        assert code_text(changed) != code_text(SOURCE)
+    # the same text under the other Python versions this machine has (3.12 tokenizes
+    # f-strings differently; ast.dump differs between versions, so method 1 did too)
+    script = tmp_path / "s.py"
+    script.write_text(SOURCE)
+    prov = Path(__file__).resolve().parent.parent / "src/distgrad/reproduce/provenance.py"
+    others = sorted(Path.home().glob(".pyenv/versions/3.1[2-9]*/bin/python"))
+    if not others:
+        pytest.skip("no other Python 3.12+ interpreter on this machine")
+    for python in others:
+        out = subprocess.run(
+            [str(python), "-c", "import importlib.util as u, sys; "
+             "s = u.spec_from_file_location('p', sys.argv[1]); m = u.module_from_spec(s); "
+             "s.loader.exec_module(m); print(m.code_text(open(sys.argv[2]).read()))",
+             str(prov), str(script)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.rstrip("\n") == code_text(SOURCE), python
+
+
+def test_method_1_markers_are_upgraded_only_when_their_code_is_proved_the_same(tmp_path):
+    from distgrad.reproduce.provenance import METHOD, upgrade_markers
+    from distgrad.reproduce.runner import is_stale
+
+    files = ["server.py", "engines/sim.py"]
+    here = {"python": platform.python_version()}
+    cases = {"same": (code_fingerprint(files=files, method=1), here),
+             "edited": ("0123456789abcdef", here),
+             "py": (code_fingerprint(files=files, method=1), {"python": "2.7.18"})}
+    for name, (fp, machine) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "reproduce.json").write_text(json.dumps(
+            {"code_fingerprint": fp, "code_files": files, "machine": machine}))
+    assert not is_stale(json.loads((tmp_path / "same" / "reproduce.json").read_text()))
+    counts = upgrade_markers(sorted(tmp_path.iterdir()))
+    assert counts == {"upgraded": 1, "other code": 1, "other python": 1, "already": 0}
+    same = json.loads((tmp_path / "same" / "reproduce.json").read_text())
+    assert same["fingerprint_method"] == METHOD and not is_stale(same)
+    assert same["fingerprint_upgraded"]["method_1"] == cases["same"][0]
+    assert is_stale(json.loads((tmp_path / "edited" / "reproduce.json").read_text()))
+    assert upgrade_markers([tmp_path / "same"])["already"] == 1
 
 
 def test_a_run_records_the_files_its_process_loaded():

@@ -24,7 +24,7 @@ from distgrad.reproduce.analysis import (
     staleness_stats,
     te_pair,
 )
-from distgrad.reproduce.provenance import code_fingerprint
+from distgrad.reproduce.provenance import METHOD, code_fingerprint
 from distgrad.reproduce.report import evaluate_claims, write_report
 from distgrad.reproduce.runner import load_runs
 from distgrad.reproduce.toy import BEALE_OPTIMUM, Vector, beale, beale_loss, simulate
@@ -102,7 +102,8 @@ def _write_run(path: Path, workers: int, accs: list[float], summary: dict) -> No
             "virtual_seconds": end, "wall_seconds": 1.0}
     (path / "summary.json").write_text(json.dumps({**base, **summary}))
     # finished, by this code
-    (path / "reproduce.json").write_text(json.dumps({"code_fingerprint": code_fingerprint()}))
+    (path / "reproduce.json").write_text(json.dumps({"code_fingerprint": code_fingerprint(),
+                                                    "fingerprint_method": METHOD}))
 
 
 def test_report_on_a_fixed_event_log(tmp_path):

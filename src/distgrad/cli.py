@@ -699,6 +699,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                           *(["--available-only"] if args.available_only else []),
                           *(["--reuse-stale"] if args.reuse_stale else []),
                           *(["--page", args.page] if args.page else []),
+                          *(["--compare-scale", args.compare_scale] if args.compare_scale
+                            else []),
+                          *(["--compare-out", args.compare_out] if args.compare_out else []),
+                          *(["--compare-archive", args.compare_archive]
+                            if args.compare_archive else []),
                           *(["--discussion", args.discussion] if args.discussion else [])])
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
@@ -733,10 +738,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             cbase = Path(args.compare_out or Path("runs") / f"reproduce-{args.compare_scale}")
             compare = [reproduce.run_experiment(name, scale=args.compare_scale,
                                                 out=cbase / name, engine=args.engine,
-                                                runs_dir=cbase / "runs", archive=args.archive,
+                                                runs_dir=cbase / "runs",
+                                                archive=args.compare_archive or args.archive,
                                                 available_only=True,
                                                 reuse_stale=args.reuse_stale)
-                       for name in names]
+                       for name in names  # simulations of their own would run: not compared
+                       if reproduce.get_experiment(name).execute is None]
         page = write_page(outcomes, Path(args.page), command=command, scale=args.scale,
                           discussion_file=Path(args.discussion) if args.discussion else None,
                           compare=compare)
@@ -868,10 +875,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default local)")
     p.add_argument("--compare-scale", metavar="SCALE",
                    help="with --page: also show each claim's verdict at SCALE, from the "
-                        "finished runs in --compare-out (nothing is trained for it), and list "
-                        "the verdicts that changed")
+                        "finished runs in --compare-out or --compare-archive (nothing is "
+                        "trained or simulated for it: the experiments that are simulations "
+                        "of their own are not compared), and list the verdicts that changed")
     p.add_argument("--compare-out", metavar="DIR",
                    help="the --out of the SCALE runs (default runs/reproduce-SCALE)")
+    p.add_argument("--compare-archive", metavar="DIR",
+                   help="compact copies of the SCALE runs (default: --archive)")
     p.add_argument("--archive", metavar="DIR",
                    help="compact copies of finished runs (summaries and gzipped, rounded "
                         "events; small enough to commit): runs missing from DIR/runs are read "

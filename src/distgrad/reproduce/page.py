@@ -58,6 +58,19 @@ def _key(o: Outcome, claim_id: str) -> tuple[str, str]:
     return (o.experiment.name, claim_id)
 
 
+def caveat(o: Outcome) -> str:
+    """What a reader must know about where ``o``'s verdicts come from: runs made by code
+    that has changed since (stale) and runs not finished yet; "" when neither."""
+    runs, missing = o.results.runs, o.results.data.get("missing") or []
+    stale = sum(r.stale for r in runs.values())
+    notes = []
+    if stale:
+        notes.append(f"{stale} of {len(runs)} runs stale")
+    if missing:
+        notes.append(f"{len(runs)} of {len(runs) + len(missing)} runs finished")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def discussion(outcomes: list[Outcome], compare: list[Outcome] | None = None) -> list[str]:
     """The page's discussion, generated from the verdicts: what holds, what does not (with
     our numbers and the hand-written *why* of :mod:`distgrad.reproduce.explanations`, marked
@@ -88,15 +101,16 @@ def discussion(outcomes: list[Outcome], compare: list[Outcome] | None = None) ->
         lines.append(f"* **{c.id}** (`{o.experiment.name}`): {v.ours}"
                      + (f" — {v.note}" if v.note else "") + ".")
     if compare:
-        other = {_key(o, c.id): (o.results.scale, v) for o in compare for c, v in o.verdicts}
+        other = {_key(o, c.id): (o.results.scale, v, caveat(o))
+                 for o in compare for c, v in o.verdicts}
         changed = [(o, c, v, other[_key(o, c.id)]) for o in outcomes for c, v in o.verdicts
                    if _key(o, c.id) in other and other[_key(o, c.id)][1].holds != v.holds]
         lines += ["", "## Verdicts that changed between scales", ""]
         if not changed:
             lines.append("None of the claims tested at both scales changed verdict.")
-        for o, c, v, (scale, w) in changed:
+        for o, c, v, (scale, w, note) in changed:
             why = WHY.get(c.id)
-            lines.append(f"* **{c.id}** (`{o.experiment.name}`): {w.label} at `{scale}` "
+            lines.append(f"* **{c.id}** (`{o.experiment.name}`): {w.label} at `{scale}`{note} "
                          f"({w.ours}) → {v.label} at `{o.results.scale}` ({v.ours})."
                          + (f" *Why (hand-written): {why}*" if why else ""))
     lines.append("")
@@ -144,7 +158,8 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         lines += [f"> `{scale}` runs shorten the thesis' 40 epochs (see each experiment's "
                   "setup) and shrink its grids; a verdict at this scale is about the start of "
                   "training. `distgrad reproduce NAME --scale full` follows the thesis.", ""]
-    other = {_key(o, c.id): (o.results.scale, v) for o in compare or [] for c, v in o.verdicts}
+    other = {_key(o, c.id): (o.results.scale, v, caveat(o))
+             for o in compare or [] for c, v in o.verdicts}
     extra = " other scale: ours, verdict |" if other else ""
     lines += ["## All claims", "",
               "| experiment | scale | claim | condition | thesis | ours | verdict |" + extra,
@@ -156,9 +171,9 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
                    f"{_escape(claim.text)} | {_escape(claim.thesis)} | {_escape(v.ours)} | "
                    f"{HOLDS_MARK[v.holds]} |")
             if other:
-                s, w = other.get(_key(o, claim.id), (None, None))
+                s, w, note = other.get(_key(o, claim.id), (None, None, ""))
                 row += (" – |" if w is None
-                        else f" `{s}`: {_escape(w.ours)}, {HOLDS_MARK[w.holds]} |")
+                        else f" `{s}`{note}: {_escape(w.ours)}, {HOLDS_MARK[w.holds]} |")
             lines.append(row)
     lines.append("")
     lines += discussion(outcomes, compare)

@@ -25,10 +25,12 @@ import ast
 import contextlib
 import functools
 import hashlib
+import io
 import os
 import platform
 import subprocess
 import sys
+import tokenize
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -64,19 +66,85 @@ def source_files(package: Path = PACKAGE) -> list[Path]:
     return files
 
 
-def _file_hash(path: Path) -> str:
+METHOD = 2
+"""How :func:`code_fingerprint` reads a Python file: 2 = its tokens without comments,
+docstrings or layout, the same under every Python version; 1 (runs recorded before
+``fingerprint_method`` was) = ``ast.dump`` without docstrings, which changes with the
+Python version (see :func:`upgrade_markers`)."""
+
+
+def _docstring_spans(tree: ast.AST) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of the strings :func:`_strip_docstrings` removes."""
+    spans = []
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            d = body[0]
+            spans.append(((d.lineno, d.col_offset),
+                          (d.end_lineno or d.lineno, d.end_col_offset or 0)))
+    return spans
+
+
+def code_text(source: str) -> str:
+    """``source`` as the tokens that decide what it computes: no comments, docstrings,
+    blank lines or spacing (indentation kept as block marks), every f-string as its
+    source text — the same under every Python version (3.12 splits f-strings into tokens)."""
+    spans = _docstring_spans(ast.parse(source))
+    lines = source.splitlines(keepends=True)
+
+    def segment(start: tuple[int, int], end: tuple[int, int]) -> str:
+        (r0, c0), (r1, c1) = start, end
+        if r0 == r1:
+            return lines[r0 - 1][c0:c1]
+        return lines[r0 - 1][c0:] + "".join(lines[r0:r1 - 1]) + lines[r1 - 1][:c1]
+
+    out: list[str] = []
+    depth, fstart, after_doc = 0, (0, 0), False
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        name = tokenize.tok_name[tok.type]
+        if name in ("FSTRING_START", "TSTRING_START"):
+            if depth == 0:
+                fstart = tok.start
+            depth += 1
+            continue
+        if name in ("FSTRING_END", "TSTRING_END"):
+            depth -= 1
+            if depth == 0:
+                out.append(segment(fstart, tok.end))
+            continue
+        if depth or tok.type in skip:
+            continue
+        if tok.type == tokenize.STRING and any(a <= tok.start and tok.end <= b
+                                               for a, b in spans):
+            after_doc = True
+            continue
+        if after_doc and tok.type == tokenize.NEWLINE:  # the docstring's statement end
+            after_doc = False
+            continue
+        after_doc = False
+        out.append({tokenize.NEWLINE: ";", tokenize.INDENT: "{",
+                    tokenize.DEDENT: "}"}.get(tok.type, tok.string))
+    return " ".join(out)
+
+
+def _file_hash(path: Path, method: int = METHOD) -> str:
     text = path.read_text()
     if path.suffix == ".py":
-        text = ast.dump(_strip_docstrings(ast.parse(text)), include_attributes=False)
+        text = (code_text(text) if method == 2 else
+                ast.dump(_strip_docstrings(ast.parse(text)), include_attributes=False))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
-def file_hashes(package: Path = PACKAGE) -> dict[str, str]:
-    """The hash of every covered file (Python as its AST without docstrings, so comments,
-    docstrings and formatting do not count; C as text), by path relative to ``package``;
-    taken once per process."""
-    return {p.relative_to(package).as_posix(): _file_hash(p) for p in source_files(package)}
+def file_hashes(package: Path = PACKAGE, method: int = METHOD) -> dict[str, str]:
+    """The hash of every covered file (Python by :data:`METHOD`: comments, docstrings and
+    layout do not count; C as text), by path relative to ``package``; taken once per
+    process."""
+    return {p.relative_to(package).as_posix(): _file_hash(p, method)
+            for p in source_files(package)}
 
 
 def loaded_files(package: Path = PACKAGE) -> list[str]:
@@ -97,11 +165,12 @@ def loaded_files(package: Path = PACKAGE) -> list[str]:
     return sorted(files)
 
 
-def code_fingerprint(package: Path = PACKAGE, files: Iterable[str] | None = None) -> str:
+def code_fingerprint(package: Path = PACKAGE, files: Iterable[str] | None = None,
+                     method: int = METHOD) -> str:
     """A 16-hex-digit hash of the result-affecting source: of ``files`` (relative paths, as
     :func:`loaded_files` gives them), or of every covered file. A listed file that no
-    longer exists counts as changed."""
-    hashes = file_hashes(package)
+    longer exists counts as changed. ``method``: see :data:`METHOD`."""
+    hashes = file_hashes(package, method)
     h = hashlib.sha256()
     for rel in sorted(hashes) if files is None else sorted(files):
         h.update(rel.encode() + b"\0" + hashes.get(rel, "missing").encode() + b"\0")
@@ -109,16 +178,17 @@ def code_fingerprint(package: Path = PACKAGE, files: Iterable[str] | None = None
 
 
 def code_version() -> str | None:
-    """The git commit of the checkout (with ``+dirty`` when it has changes); where there is
-    no git checkout (a copy of the tree sent to another machine), ``DISTGRAD_CODE_VERSION``
-    if set (the commit the copy was made from), else None."""
+    """``DISTGRAD_CODE_VERSION`` when set (the commit a copy of the tree sent to another
+    machine was made from), else the git commit of the checkout (with ``+dirty`` when it
+    has changes), else None."""
+    if os.environ.get("DISTGRAD_CODE_VERSION"):
+        return os.environ["DISTGRAD_CODE_VERSION"]
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=10"],
                              capture_output=True, text=True, check=True,
                              cwd=PACKAGE).stdout.strip()
-        if out:
-            return out
-    return os.environ.get("DISTGRAD_CODE_VERSION") or None
+        return out or None
+    return None
 
 
 def machine() -> dict[str, Any]:
@@ -149,3 +219,47 @@ def machine_line(m: dict[str, Any]) -> str:
     commit = f" (commit {m['commit']})" if m.get("commit") else ""
     return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} "
             f"thread(s), Python {m['python']}, distgrad {m['distgrad']}{commit}, {m['os']}")
+
+
+def upgrade_markers(run_dirs: Iterable[Path], package: Path = PACKAGE) -> dict[str, int]:
+    """Re-express the method-1 fingerprints of finished runs as method 2, where this code
+    is proved to be the code that made them: run under the Python version a run recorded
+    (its ``machine``), this recomputes the run's method-1 fingerprint over the files it
+    loaded; only if that equals the recorded one is the marker given this code's method-2
+    fingerprint (and ``fingerprint_upgraded`` says how). Runs made under another Python
+    version, or by other code, are left as they are. Returns counts of each outcome."""
+    import json
+
+    here = ".".join(platform.python_version_tuple()[:2])
+    counts = {"upgraded": 0, "other code": 0, "other python": 0, "already": 0}
+    for run in run_dirs:
+        path = Path(run) / "reproduce.json"
+        if not path.exists():
+            continue
+        marker = json.loads(path.read_text())
+        if marker.get("fingerprint_method", 1) == METHOD:
+            counts["already"] += 1
+            continue
+        made = ".".join((marker.get("machine") or {}).get("python", "?").split(".")[:2])
+        if made != here:
+            counts["other python"] += 1
+            continue
+        files = marker.get("code_files")
+        if marker.get("code_fingerprint") != code_fingerprint(package, files, method=1):
+            counts["other code"] += 1
+            continue
+        marker.update(code_fingerprint=code_fingerprint(package, files, method=METHOD),
+                      fingerprint_method=METHOD,
+                      fingerprint_upgraded={"python": platform.python_version(),
+                                            "method_1": marker["code_fingerprint"]})
+        path.write_text(json.dumps(marker, indent=1) + "\n")
+        counts["upgraded"] += 1
+    return counts
+
+
+if __name__ == "__main__":
+    # python src/distgrad/reproduce/provenance.py upgrade RUN_DIR... (stdlib only: it runs
+    # under the Python version the runs were made with, without distgrad's dependencies)
+    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
+        sys.exit("usage: python provenance.py upgrade RUN_DIR...")
+    print(upgrade_markers(Path(a) for a in sys.argv[2:]))

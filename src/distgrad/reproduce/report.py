@@ -53,23 +53,27 @@ def host_line(m: dict[str, Any]) -> str:
     return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['os']}"
 
 
-def run_machines(results: Results) -> dict[str, int]:
-    """How many of ``results``' runs each machine made (:func:`host_line`; ``"not
-    recorded"`` for runs from before machines were recorded)."""
+def run_machines(results: Results | list[Results]) -> dict[str, int]:
+    """How many runs each machine made (:func:`host_line`; ``"not recorded"`` for runs from
+    before machines were recorded), each run counted once however many experiments read
+    it."""
     counts: dict[str, int] = {}
-    for run in results.runs.values():
-        line = host_line(run.machine) if run.machine else "not recorded"
-        counts[line] = counts.get(line, 0) + 1
+    seen: set[Any] = set()
+    for r in results if isinstance(results, list) else [results]:
+        for label, run in r.runs.items():
+            key = run.path or (r.experiment.name, label)
+            if key in seen:
+                continue
+            seen.add(key)
+            line = host_line(run.machine) if run.machine else "not recorded"
+            counts[line] = counts.get(line, 0) + 1
     return counts
 
 
 def runs_made_on(results: Results | list[Results], here: dict[str, Any] | None) -> str:
     """Where the runs were made, when any was made on another machine than ``here`` (the
     one writing the report): "MACHINE (N runs); ..."; "" otherwise."""
-    counts: dict[str, int] = {}
-    for r in results if isinstance(results, list) else [results]:
-        for line, k in run_machines(r).items():
-            counts[line] = counts.get(line, 0) + k
+    counts = run_machines(results)
     if set(counts) <= {None if here is None else host_line(here), "not recorded"}:
         return ""
     return "; ".join(f"{line} ({k} run{'s' if k != 1 else ''})"

@@ -16,6 +16,7 @@ from distgrad.job import train
 from distgrad.models import MLP, initialize
 from distgrad.reproduce.archive import archive_run, read_events_any
 from distgrad.reproduce.provenance import (
+    METHOD,
     code_fingerprint,
     code_version,
     file_hashes,
@@ -57,7 +58,13 @@ def is_stale(marker: dict[str, Any]) -> bool:
     """Was the run made by code whose result-affecting source differs from this code's
     (over the files the run's process had loaded, or over every file for a run that did
     not list them; a run with no fingerprint is stale)?"""
-    return marker.get("code_fingerprint") != code_fingerprint(files=marker.get("code_files"))
+    return marker.get("code_fingerprint") != this_fingerprint(marker)
+
+
+def this_fingerprint(marker: dict[str, Any]) -> str:
+    """This code's fingerprint over the files a run loaded, by the run's method."""
+    return code_fingerprint(files=marker.get("code_files"),
+                            method=marker.get("fingerprint_method", 1))
 
 
 def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "sim",
@@ -91,11 +98,11 @@ def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "
                 log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: reusing {out_shown} although it "
                     f"is STALE (made by code {saved.get('code_version')}, fingerprint "
                     f"{saved.get('code_fingerprint')}; this code: "
-                    f"{code_fingerprint(files=saved.get('code_files'))})")
+                    f"{this_fingerprint(saved)})")
                 continue
             log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: {out} is stale (code changed "
                 f"since it ran: fingerprint {saved.get('code_fingerprint')} -> "
-                f"{code_fingerprint(files=saved.get('code_files'))}); running it again")
+                f"{this_fingerprint(saved)}); running it again")
         if not _claim(out):
             log(f"[{exp.name} {i}/{len(specs)}] {spec.label}: another process is running "
                 f"{out}; skipping it")
@@ -149,6 +156,7 @@ def _train_one(exp: Experiment, spec: RunSpec, setup: Setup, engine: str, out: P
     res = train(job, model=model, out=out, overwrite=True, figures=False)
     files = loaded_files()
     marker.write_text(json.dumps({**key, "code_fingerprint": code_fingerprint(files=files),
+                                  "fingerprint_method": METHOD,
                                   "code_files": files, "code_version": code_version(),
                                   "machine": machine(),
                                   "compute_seconds": time.perf_counter() - start},
