@@ -46,7 +46,9 @@ RATES = ["10gbit", "1gbit", "100mbit"]
 CONFIGS = [("ddp", "ddp", 1), ("downpour λ=1", "downpour", 1),
            *[(f"agn λ={w}", "agn", w) for w in (1, 4, 16)],
            *[(f"adag λ={w}", "adag", w) for w in (1, 4, 16)],
-           ("diloco λ=16", "diloco", 16)]
+           ("diloco λ=16", "diloco", 16),
+           # --pipeline: each commit travels while the worker computes its next window
+           *[(f"adag λ={w} pipelined", "adag+pipeline", w) for w in (4, 16)]]
 QUICK_CONFIGS = [("ddp", "ddp", 1), ("adag λ=16", "adag", 16)]
 PARAMS = 4_798_010
 
@@ -159,8 +161,10 @@ def run_distgrad(c: Any, args: argparse.Namespace, work: Path, algorithm: str, w
 
     secret = write_secret(work / "secret")
     run = work / f"{algorithm}-{window}"
+    algorithm, _, flag = algorithm.partition("+")
     server, address = start_serve(
         c, 0, ["--algorithm", algorithm, "--workers", "2", "--window", str(window),
+               *(["--pipeline"] if flag == "pipeline" else []),
                "--epochs", str(args.epochs), "--train-samples", str(args.train_samples),
                "--eval-every", str(args.eval_every), "--no-batch-log", "--no-distance",
                "--threads", "1", "--worker-timeout", "600", "--out", str(run), "--overwrite",
@@ -348,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(first protection), beside float32")
     p.add_argument("--configs", default=None, metavar="LIST",
                    help="only these configurations, comma-separated ALGORITHM:WINDOW "
-                        "(ddp for DDP), e.g. ddp,adag:16,adag:4 (default: all nine)")
+                        "(ddp for DDP; adag+pipeline:W with --pipeline), e.g. "
+                        "ddp,adag:16,adag+pipeline:16 (default: all)")
     p.add_argument("--json", type=Path, default=RESULTS / "cluster.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "cluster.png")
     args = p.parse_args(argv)
