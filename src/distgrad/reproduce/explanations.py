@@ -12,8 +12,9 @@ from __future__ import annotations
 WHY: dict[str, str] = {
     "1b": "with the thesis' Adam inner steps, one commit per step and a seeded random commit "
           "order our DOWNPOUR at n = 20 trains. The thesis' collapse came from its own "
-          "cluster, whose commit order we cannot replay, and the order changes results "
-          "(experiment `timing-order`). Reported as not reproduced, not as refuted.",
+          "cluster, whose commit order we cannot replay, and the order can change results "
+          "(experiment `timing-order` tests how much). Reported as not reproduced, not as "
+          "refuted.",
     "1b-exp": "as 1b: memoryless step times (geometric staleness) do not make DOWNPOUR "
               "collapse at n = 20 either.",
     "3": "DynSGD's windowed accuracy falls, but by less than the threshold, and AGN at the "
