@@ -93,10 +93,9 @@ def check(job: Any, caps: Capabilities | None = None) -> None:
 
 def make_core(job: Any, *args: Any, **kwargs: Any) -> ProtocolCore:
     """The protocol core an engine serves ``job`` with: a :class:`PipelinedCore` when the job
-    pipelines (checked first, :func:`check`), else a plain :class:`ProtocolCore`; the
-    arguments are :class:`ProtocolCore`'s."""
+    pipelines (the :class:`~distgrad.job.Job` ran :func:`check` when it was made), else a
+    plain :class:`ProtocolCore`; the arguments are :class:`ProtocolCore`'s."""
     if getattr(job, "pipeline", False):
-        check(job)
         return PipelinedCore(*args, **kwargs)
     return ProtocolCore(*args, **kwargs)
 
