@@ -270,18 +270,22 @@ BYTES_PER_VALUE = {"none": 4, "fp16": 2, "bf16": 2, "int8": 1}
 # ---------------------------------------------------------------- main
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Time to target against bandwidth, a line per configuration; False (and no file) when
+    no configuration reached the target at any rate: an empty plot would say nothing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     by_label: dict[str, list[tuple[float, float]]] = {}
     from distgrad.testing.netns import rate_bits
     for row in results["runs"]:
         if row["time_to_target_median"] is not None:
             by_label.setdefault(row["config"], []).append(
                 (rate_bits(row["rate"]) / 1e9, row["time_to_target_median"]))
+    if not by_label:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in sorted(by_label.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
@@ -290,10 +294,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("link bandwidth per host (Gbit/s)")
     ax.set_ylabel(f"seconds to {results['target']:.0%} test accuracy")
     ax.set_title("thesis MLP, 2 worker hosts + server host (one machine, 2 cores)")
-    if by_label:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -409,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
             ratios[rate] = min(adag) / ddp
     results["best_adag_over_ddp_time"] = ratios
     write_json(args.json, results)
-    plot(results, args.plot)
+    plotted = plot(results, args.plot)
     print("\n" + markdown(results))
     print(f"\nbest ADAG / DDP time to {args.target:.0%}: {ratios}")
-    print(f"wrote {args.plot}")
+    print(f"wrote {args.plot}" if plotted else
+          f"no plot: no configuration reached {args.target:.0%} (see {args.json})")
     return 0
 
 
