@@ -267,3 +267,26 @@ def test_archive_is_smaller_and_reads_back(tmp_path, mnist_small, tiny_mlp):
     events = read_events_any(dest)
     assert {e["type"] for e in events} >= {"batch", "commit", "eval"}
     assert len(events) == len(read_events_any(tmp_path / "run"))
+
+
+def test_timing_order_compares_late_training_not_one_final_evaluation():
+    """T1's verdict reads the mean of the last quarter's evaluations: a final evaluation
+    that dips (as the full-scale lockstep run's did, 96.23 % after a late mean of 97.3 %)
+    does not make the claim hold, and a gap that lasts does."""
+    from distgrad.reproduce.spec import Results, RunData
+
+    exp = get_experiment("timing-order")
+
+    def run(label: str, accs: list[float]) -> RunData:
+        events = [{"type": "eval", "t": float(i), "test_acc": a} for i, a in enumerate(accs)]
+        spec = next(s for s in exp.runs["quick"] if s.label == label)
+        return RunData(label, spec, {"test_accuracy": accs[-1], "staleness_mean": 18.8}, events)
+
+    def verdict(lock: list[float], rand: list[float]) -> bool | None:
+        r = Results(exp, "quick", {"lockstep": run("lockstep", lock),
+                                  "random": run("random", rand)})
+        return exp.claims[0].check(r).holds
+
+    steady = [0.5] * 30 + [0.973, 0.977, 0.975, 0.974] * 3
+    assert verdict([*steady[:-1], 0.962], [*steady[:-1], 0.983]) is False  # one dip: level
+    assert verdict([0.5] * 30 + [0.95, 0.952, 0.951, 0.95] * 3, steady) is True

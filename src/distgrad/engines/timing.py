@@ -12,10 +12,10 @@ Times are virtual seconds. A full-batch step takes ``step_time`` on average
   order is random, as on a real cluster.
 * ``exponential`` — exponentially distributed step times (heavy jitter).
 
-The timing model changes results, not just timings: in a probe of AGN at n=20,
-λ=15, 40 epochs, lockstep round-robin service reached 93.6 % test accuracy where
-a random order reached 98.45 % (``distgrad reproduce timing-order`` reruns it). Use
-``constant`` only to study lockstep.
+Whether the order changes results is measured by ``distgrad reproduce timing-order``
+(AGN, n=20, λ=15: lockstep round-robin against the random order); an early probe
+that saw a gap at 40 epochs is not reproduced there. Use ``constant`` only to study
+lockstep.
 
 ``cost_profile`` fills ``server_time``/``commit_time`` from costs measured on a real
 engine (``distgrad reproduce --measure-costs FILE``; :meth:`Timing.resolved`), and

@@ -3,8 +3,10 @@ claims under a cost model measured on this machine.
 
 ``timing-order``: AGN, n = 20, λ = 15, served in lockstep round-robin (every step takes
 exactly ``step_time``, every commit exactly n − 1 stale) against the default random order
-(lognormal step times with random start offsets). The README's probe (93.6 % against
-98.45 % at 40 epochs) is this experiment at ``full``.
+(lognormal step times with random start offsets), compared by the mean of the center's
+test accuracy over the last quarter of training. The README's early probe (93.6 % against
+98.45 % at 40 epochs, single final evaluations, its script not kept) was this comparison
+at ``full``.
 
 ``wall-time``: the simulator's virtual clock counts compute only, so the thesis' wall-time
 claims (E4-time: AEASGD < AGN < DynSGD; claim 6: AGN's time falls ∝ 1/n) are equal by
@@ -22,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from distgrad.engines.timing import Timing, profile_costs, read_cost_profile
 from distgrad.reproduce.report import pct
@@ -41,13 +45,29 @@ R = RunSpec
 # --------------------------------------------------------------------------- timing order
 
 
+def _late_accuracy(run: Any) -> tuple[float, float]:
+    """Mean and standard deviation of the center's test accuracy over the evaluations in
+    the last quarter of training: one final evaluation swings by about a point from one
+    evaluation to the next late in an AGN run (n = 20), more than the effect under test."""
+    from distgrad.metrics.efficiency import center_curve
+
+    _, ys = center_curve(run.events)
+    late = np.asarray(ys[-max(2, len(ys) // 4):], dtype=float)
+    return float(late.mean()), float(late.std(ddof=1))
+
+
 def _order_claim(r: Results) -> Verdict:
-    lock, rand = r["lockstep"].summary, r["random"].summary
-    a, b = lock["test_accuracy"], rand["test_accuracy"]
-    return Verdict(f"lockstep {pct(a)}, random order {pct(b)} (center test accuracy; mean τ "
-                   f"{lock['staleness_mean']:.1f} vs {rand['staleness_mean']:.1f})",
-                   a is not None and b is not None and a < b - 0.01,
-                   "lockstep ends > 1 point below the random order")
+    lock, rand = r["lockstep"], r["random"]
+    (a, sa), (b, sb) = _late_accuracy(lock), _late_accuracy(rand)
+    return Verdict(f"last quarter of training: lockstep {pct(a)} ± {100 * sa:.2f}, random "
+                   f"order {pct(b)} ± {100 * sb:.2f} (center test accuracy, mean ± sd of its "
+                   f"evaluations; final {pct(lock.summary['test_accuracy'])} vs "
+                   f"{pct(rand.summary['test_accuracy'])}; mean τ "
+                   f"{lock.summary['staleness_mean']:.1f} vs "
+                   f"{rand.summary['staleness_mean']:.1f})",
+                   a < b - 0.01,
+                   "lockstep's mean over the last quarter of training is > 1 point below the "
+                   "random order's")
 
 
 def _accuracy_figure() -> Any:
@@ -58,7 +78,8 @@ def _accuracy_figure() -> Any:
 
 TIMING_ORDER = Experiment(
     name="timing-order",
-    shows="the commit order changes results: AGN (n=20, λ=15) in lockstep vs a random order",
+    shows="whether the commit order changes results: AGN (n=20, λ=15) in lockstep vs a "
+          "random order",
     thesis="not in the thesis: the simulator's timing model (README, \"The simulator and its "
            "timing models\")",
     setups={"full": Setup(epochs=40), "quick": Setup(epochs=5)},
