@@ -54,10 +54,10 @@ WHY: dict[str, str] = {
     "6-dk": "with the modelled dist-keras costs the one-lock server saturates as n grows: "
             "beyond that point more workers only queue.",
     "E4-collapse": "at `full` a fall counts only after the thesis' threshold is first passed "
-                   "(at `quick` a lower one); once there, our DynSGD trains steadily. The "
-                   "simulator's near-constant staleness gives its staleness-scaled steps "
-                   "little variance; whether the thesis' collapses came from staleness "
-                   "spikes on its cluster is not tested here.",
+                   "(at `quick` a lower one); once there, our DynSGD trains steadily. A "
+                   "guess, not tested here: the simulator's near-constant staleness gives its "
+                   "staleness-scaled steps little variance, and the thesis' collapses came "
+                   "from staleness spikes on its cluster.",
     "T1": "with the same mean staleness the two orders train alike: late in training their "
           "mean accuracies differ by less than a point, less than the spread of single "
           "evaluations, so a comparison of single final evaluations can show a gap "
