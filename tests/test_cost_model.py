@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -290,3 +291,50 @@ def test_timing_order_compares_late_training_not_one_final_evaluation():
     steady = [0.5] * 30 + [0.973, 0.977, 0.975, 0.974] * 3
     assert verdict([*steady[:-1], 0.962], [*steady[:-1], 0.983]) is False  # one dip: level
     assert verdict([0.5] * 30 + [0.95, 0.952, 0.951, 0.95] * 3, steady) is True
+
+
+def test_a_stale_run_is_checked_by_replaying_its_first_epochs(tmp_path):
+    """`--replay-stale`: a stale run whose events this code gives again is marked
+    "replayed identically" (still stale); one whose events differ is reported and not."""
+    import gzip
+
+    from distgrad.reproduce import Outcome
+    from distgrad.reproduce.archive import EVENTS_GZ
+    from distgrad.reproduce.page import caveat
+    from distgrad.reproduce.replay import replay_stale
+
+    exp = get_experiment("timing-order")
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    execute_runs(exp, "tiny", runs, log=lambda m: None, archive=archive)
+    shutil.rmtree(runs)  # from here on, the runs are read from their compact copies
+    dirs = sorted(archive.iterdir())
+    for d in dirs:  # made by "other code"
+        marker = json.loads((d / "reproduce.json").read_text())
+        (d / "reproduce.json").write_text(json.dumps({**marker, "code_fingerprint": "old"}))
+    # the second run's archived events are altered in an early batch's loss
+    with gzip.open(dirs[1] / EVENTS_GZ, "rt") as f:
+        events = [json.loads(line) for line in f]
+    first = min((e for e in events if e["type"] == "batch"), key=lambda e: e["t"])
+    first["loss"] = first["loss"] + 1.0
+    with gzip.open(dirs[1] / EVENTS_GZ, "wt") as f:
+        f.writelines(json.dumps(e) + "\n" for e in events)
+
+    logs: list[str] = []
+    done = {r["label"]: r for r in replay_stale(exp, "tiny", runs, archive=archive,
+                                                log=logs.append)}
+    by_dir = {spec.dirname(exp.setup("tiny"), exp.seed): spec.label
+              for spec in exp.run_specs("tiny")}
+    good, bad = by_dir[dirs[0].name], by_dir[dirs[1].name]
+    assert done[good]["identical"] and done[good]["events_compared"] > 0
+    assert not done[bad]["identical"]
+    assert done[bad]["first_difference"]["run"]["t"] == first["t"]  # where it was altered
+    assert any("DIFFERENT" in m for m in logs)
+    loaded = load_runs(exp, "tiny", runs, archive=archive)
+    assert loaded[good].stale and loaded[good].replayed == done[good]["epochs"]
+    assert loaded[bad].stale and loaded[bad].replayed is None
+    note = caveat(Outcome(exp, loaded, [], [], tmp_path / "report.md"))
+    assert "2 of 2 runs stale, 1 of them replayed identically by this code" in note
+    # a second pass replays only the run that did not match
+    logs.clear()
+    replay_stale(exp, "tiny", runs, archive=archive, log=logs.append)
+    assert sum("replaying" in m for m in logs) == 1

@@ -691,6 +691,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     base = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.scale}"
     single = len(names) == 1 and args.out is not None
     runs_dir = base / "runs"
+    if args.replay_stale:
+        from distgrad.reproduce.replay import replay_stale
+
+        outcomes = [r for name in names for r in replay_stale(
+            reproduce.get_experiment(name), "full" if name in full else args.scale, runs_dir,
+            archive=Path(args.archive) if args.archive else None)]
+        differ = [r["label"] for r in outcomes if not r["identical"]]
+        print(f"{len(outcomes)} stale run(s) replayed: {len(outcomes) - len(differ)} "
+              f"identical" + (f", DIFFERENT: {', '.join(differ)}" if differ else ""))
+        return 1 if differ else 0
     command = shlex.join(["distgrad", "reproduce", *args.name, "--scale", args.scale,
                           *(["--full", ",".join(full)] if full else []),
                           "--engine", args.engine, "--out", str(base),
@@ -893,6 +903,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse finished runs made by code whose result-affecting source "
                         "differs from this code's (the report marks them stale); default: "
                         "run them again")
+    p.add_argument("--replay-stale", action="store_true",
+                   help="train nothing: replay the first epochs of every finished stale run "
+                        "(in the runs directory or --archive) at this code, compare its "
+                        "events with the run's, and record the outcome in the run's marker; "
+                        "the reports then say which stale runs replayed identically "
+                        "(evidence for the epochs replayed, not a rerun); exit 1 if any "
+                        "differs")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at once, in N processes (each with --threads torch "
                         "threads, default 1): every run is trained once, by one of them, "

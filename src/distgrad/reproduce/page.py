@@ -62,10 +62,17 @@ def caveat(o: Outcome) -> str:
     """What a reader must know about where ``o``'s verdicts come from: runs made by code
     that has changed since (stale) and runs not finished yet; "" when neither."""
     runs, missing = o.results.runs, o.results.data.get("missing") or []
-    stale = sum(r.stale for r in runs.values())
+    stale = [r for r in runs.values() if r.stale]
+    replayed = [r.replayed for r in stale if r.replayed]
     notes = []
     if stale:
-        notes.append(f"{stale} of {len(runs)} runs stale")
+        note = f"{len(stale)} of {len(runs)} runs stale"
+        if replayed:
+            span = (f"{min(replayed)}" if min(replayed) == max(replayed)
+                    else f"{min(replayed)}–{max(replayed)}")
+            note += (f", {len(replayed)} of them replayed identically by this code for their "
+                     f"first {span} epoch(s)")
+        notes.append(note)
     if missing:
         notes.append(f"{len(runs)} of {len(runs) + len(missing)} runs finished")
     return f" ({'; '.join(notes)})" if notes else ""

@@ -100,7 +100,9 @@ def runs_table(results: Results) -> str:
     for label, run in results.runs.items():
         s = run.summary
         virtual = s.get("virtual_seconds")
-        name = label + (" (STALE: older code)" if run.stale else "")
+        name = label + ("" if not run.stale else " (STALE: older code)" if not run.replayed
+                        else f" (STALE: older code; its first {run.replayed} epoch(s) replayed "
+                             "identically by this code)")
         rows.append(
             f"| {name} | {s['algorithm']} | {s['workers']} | {s['window']} | {s['epochs']} | "
             f"{s['commits']} | {num(s.get('staleness_mean'), 1)} | "
@@ -168,7 +170,10 @@ def render(results: Results, verdicts: list[tuple[Claim, Verdict]],
         if stale:
             lines += [f"> **Stale:** {', '.join(stale)} were made by code whose result-"
                       "affecting source differs from this code's (see "
-                      "`distgrad.reproduce.provenance`); rerun without `--reuse-stale`.", ""]
+                      "`distgrad.reproduce.provenance`); rerun without `--reuse-stale`. "
+                      "`distgrad reproduce --replay-stale` checks them without retraining: "
+                      "it replays their first epochs at this code and compares the events "
+                      "(`distgrad.reproduce.replay`).", ""]
     if figures:
         lines += [f"{sub} Figures", ""]
         for file, caption in figures:

@@ -67,6 +67,16 @@ def this_fingerprint(marker: dict[str, Any]) -> str:
                             method=marker.get("fingerprint_method", 1))
 
 
+def replay_matches(marker: dict[str, Any]) -> dict[str, Any] | None:
+    """The replay recorded in a stale run's marker (:mod:`distgrad.reproduce.replay`) that
+    was made by this code and found the run's events identical; None if there is none."""
+    for r in reversed(marker.get("replays") or []):
+        if r.get("identical") and r.get("code_fingerprint") == code_fingerprint(
+                files=r.get("code_files"), method=r.get("fingerprint_method", 1)):
+            return r
+    return None
+
+
 def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "sim",
                  log: Log = _stderr, reuse_stale: bool = False,
                  archive: Path | None = None) -> None:
@@ -205,6 +215,8 @@ def load_runs(exp: Experiment, scale: str, runs_dir: Path, *,
                                            events=read_events_any(path),
                                            path=path,
                                            stale=saved is None or is_stale(saved),
+                                           replayed=(replay_matches(saved) or {}).get("epochs")
+                                           if saved is not None and is_stale(saved) else None,
                                            machine=saved.get("machine"))
         results.wall_seconds += float(summary.get("wall_seconds") or 0.0)
     return results

@@ -232,6 +232,9 @@ class RunData:
     path: Path | None = None
     #: made by code whose result-affecting source differs from this code's
     stale: bool = False
+    #: a stale run whose first epochs, replayed by this code, gave its events identically:
+    #: how many epochs were replayed (:mod:`distgrad.reproduce.replay`); None otherwise
+    replayed: int | None = None
     #: the machine it was made on (:func:`~distgrad.reproduce.provenance.machine`; None
     #: for runs from before machines were recorded)
     machine: dict[str, Any] | None = None
