@@ -26,6 +26,9 @@ WHY: dict[str, str] = {
                  "honest training accuracy in the same row; the claim fails against the "
                  "last-mini-batch \"training accuracy\", which measures the workers.",
     "4a": "an end-of-training comparison (see E4-train); the row shows both metrics.",
+    "4b": "an end-of-training comparison of validation accuracies (see E4-train): after a "
+          "few epochs AEASGD's center is ahead in most cells with small n; by the thesis' 40 "
+          "epochs AGN's ends higher in them; the thesis' ordering is not reproduced there.",
     "4c": "an end-of-training comparison of validation accuracies.",
     "4d": "temporal efficiency compares whole training curves; at `quick` the curves are "
           "the first epochs only.",
