@@ -338,3 +338,13 @@ def test_a_stale_run_is_checked_by_replaying_its_first_epochs(tmp_path):
     logs.clear()
     replay_stale(exp, "tiny", runs, archive=archive, log=logs.append)
     assert sum("replaying" in m for m in logs) == 1
+
+
+def test_replay_stale_refuses_flags_it_would_ignore(capsys):
+    from distgrad.cli import main
+
+    for extra in (["--jobs", "2"], ["--available-only"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["reproduce", "e2-accumulation", "--scale", "tiny", "--replay-stale", *extra])
+        assert exc.value.code == 2
+        assert "--replay-stale trains nothing else" in capsys.readouterr().err

@@ -694,6 +694,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.replay_stale:
         from distgrad.reproduce.replay import replay_stale
 
+        for flag, given in (("--page", args.page), ("--jobs", args.jobs > 1),
+                            ("--available-only", args.available_only)):
+            if given:
+                raise ConfigError(f"--replay-stale trains nothing else and writes no report: "
+                                  f"run {flag} in a command of its own")
+
         outcomes = [r for name in names for r in replay_stale(
             reproduce.get_experiment(name), "full" if name in full else args.scale, runs_dir,
             archive=Path(args.archive) if args.archive else None)]

@@ -211,12 +211,13 @@ def load_runs(exp: Experiment, scale: str, runs_dir: Path, *,
                                     f"no finished run in {path}")
         summary = json.loads(summary_path.read_text())
         saved = read_marker(path)
+        assert saved is not None  # checked above
+        stale = is_stale(saved)
+        replay = replay_matches(saved) if stale else None
         results.runs[spec.label] = RunData(label=spec.label, spec=spec, summary=summary,
                                            events=read_events_any(path),
-                                           path=path,
-                                           stale=saved is None or is_stale(saved),
-                                           replayed=(replay_matches(saved) or {}).get("epochs")
-                                           if saved is not None and is_stale(saved) else None,
+                                           path=path, stale=stale,
+                                           replayed=replay["epochs"] if replay else None,
                                            machine=saved.get("machine"))
         results.wall_seconds += float(summary.get("wall_seconds") or 0.0)
     return results
