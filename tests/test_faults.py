@@ -75,10 +75,12 @@ def test_killed_worker_samples_spread_over_survivors_by_speed(mnist_small, tiny_
     assert sum(shares.values()) + pooled == faults[0]["uncommitted"] > 0
     handed = [e for e in res.events if e["type"] == "extra_work"]
     assert sum(e["samples"] for e in handed) == pooled  # the rest, to whoever ran low
-    measured = [r for _, r, _ in faults[0]["heirs"] if r is not None]
-    assert measured  # (a worker still starting on a busy host counts at the mean speed)
-    mean = sum(measured) / len(measured)
-    heirs = {w: (mean if rate is None else rate, left) for w, rate, left in faults[0]["heirs"]}
+    # a worker not measured yet (still starting, on a busy host) counts at the mean of the
+    # measured speeds, or all at one speed when none is measured (split_by_speed's rule)
+    measured = [r for _, r, _ in faults[0]["heirs"] if r is not None and r > 0]
+    mean = sum(measured) / len(measured) if measured else 1.0
+    heirs = {w: (rate if rate is not None and rate > 0 else mean, left)
+             for w, rate, left in faults[0]["heirs"]}
     assert set(heirs) == {0, 1}
     # the first half split by measured speed: every worker given samples finishes at one T,
     # one given none would finish after T anyway (speeds as measured: on a busy host the
