@@ -38,6 +38,9 @@ WHY: dict[str, str] = {
     "7-n30": "the mean is near n − 1 but the lognormal start offsets spread the first "
              "commits and move the mode; the thesis' histogram for n = 30 has no legible "
              "mode.",
+    "8a": "ADAG damps AGN's early loss spikes but does not remove them in the longer run: "
+          "its largest rise is a fraction of AGN's, yet above our spike threshold (the "
+          "thesis gives no threshold; its figure shows spikes of AGN's size).",
     "9c": "on the Beale function the early-commit condition ‖∇L‖ − ρ‖θ^k − θ̃‖ < 1 fires "
           "whenever the noisy gradient is small, whatever λ is; the thesis shows one run "
           "and does not state its step size.",

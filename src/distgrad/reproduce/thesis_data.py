@@ -117,6 +117,8 @@ E7 = {  # ADAG-AGN n = 20, λ = 15: γ -> (training %, validation %)
     1e-5: (100.00, 98.59),
 }
 E7_SPIKE_LOSS = 1.6
+E7_SPIKE_UPDATES = 1000
+"""Fig. applying_adag: AGN's spikes come before about this many updates (commits)."""
 """Fig. applying_adag: AGN (n = 30) loss spikes up to ≈1.6 before ≈1,000 updates."""
 STALENESS_MODES = {20: 18, 60: 55}
 """Fig. staleness_distribution, modes read off the figure (n = 10 and 30 not legible)."""
