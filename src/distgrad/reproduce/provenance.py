@@ -177,10 +177,12 @@ def code_fingerprint(package: Path = PACKAGE, files: Iterable[str] | None = None
     return h.hexdigest()[:16]
 
 
+@functools.cache
 def code_version() -> str | None:
     """``DISTGRAD_CODE_VERSION`` when set (the commit a copy of the tree sent to another
     machine was made from), else the git commit of the checkout (with ``+dirty`` when it
-    has changes), else None."""
+    has changes), else None. Taken once per process, like :func:`file_hashes`: an edit to
+    the checkout while runs go on does not change what they record."""
     if os.environ.get("DISTGRAD_CODE_VERSION"):
         return os.environ["DISTGRAD_CODE_VERSION"]
     with contextlib.suppress(OSError, subprocess.CalledProcessError):

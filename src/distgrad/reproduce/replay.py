@@ -122,7 +122,7 @@ def replay_stale(exp: Experiment, scale: str, runs_dir: Path, *,
     marker, in both places it is kept. Returns the outcomes (label and replay record)."""
     if exp.execute is not None:
         return []  # a simulation of its own: no runs to replay
-    file_hashes()  # the code this process has loaded, not later edits
+    file_hashes(), code_version()  # taken now, once: this code, not later edits
     setup = exp.setup(scale)
     specs = exp.run_specs(scale)
     done = []

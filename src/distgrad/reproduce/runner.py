@@ -88,7 +88,7 @@ def execute_runs(exp: Experiment, scale: str, runs_dir: Path, *, engine: str = "
     :func:`~distgrad.reproduce.provenance.code_fingerprint` is stale and is run again,
     unless ``reuse_stale`` (then the report marks it stale). With ``archive``, every run
     finished here is also copied there in compact form."""
-    file_hashes()  # taken now, once: the code this process has loaded, not later edits
+    file_hashes(), code_version()  # taken now, once: this code, not later edits
     setup = exp.setup(scale)
     specs = exp.run_specs(scale)
     for i, spec in enumerate(specs, 1):
