@@ -31,14 +31,7 @@ from typing import Any
 
 from distgrad.job import train
 from distgrad.reproduce.archive import compact_event, read_events_any
-from distgrad.reproduce.provenance import (
-    METHOD,
-    code_fingerprint,
-    code_version,
-    file_hashes,
-    loaded_files,
-    machine,
-)
+from distgrad.reproduce.provenance import code_version, file_hashes
 from distgrad.reproduce.runner import (
     MARKER,
     Log,
@@ -47,6 +40,7 @@ from distgrad.reproduce.runner import (
     is_stale,
     read_marker,
     replay_matches,
+    this_code,
 )
 from distgrad.reproduce.spec import Experiment
 
@@ -105,13 +99,10 @@ def _replay_one(exp: Experiment, spec: Any, setup: Any, path: Path, scratch: Pat
             break
         epochs = min(2 * epochs, job.epochs)
     shutil.rmtree(out, ignore_errors=True)
-    files = loaded_files()
     return {"identical": result["identical"], "epochs": epochs,
             "events_compared": result["events"], "until_t": result["until"],
             "min_commits_per_worker": result["min_commits"],
-            "first_difference": result["difference"],
-            "code_fingerprint": code_fingerprint(files=files), "fingerprint_method": METHOD,
-            "code_files": files, "code_version": code_version(), "machine": machine(),
+            "first_difference": result["difference"], **this_code(),
             "compute_seconds": time.perf_counter() - start}  # every try, the shorter too
 
 

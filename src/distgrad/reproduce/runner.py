@@ -67,6 +67,15 @@ def this_fingerprint(marker: dict[str, Any]) -> str:
                             method=marker.get("fingerprint_method", 1))
 
 
+def this_code() -> dict[str, Any]:
+    """What a marker records of the code that made a run (or a replay): the fingerprint of
+    the result-affecting files this process loaded, its method, those files, the code
+    version and the machine."""
+    files = loaded_files()
+    return {"code_fingerprint": code_fingerprint(files=files), "fingerprint_method": METHOD,
+            "code_files": files, "code_version": code_version(), "machine": machine()}
+
+
 def replay_matches(marker: dict[str, Any]) -> dict[str, Any] | None:
     """The replay recorded in a stale run's marker (:mod:`distgrad.reproduce.replay`) that
     was made by this code and found the run's events identical; None if there is none."""
@@ -164,11 +173,7 @@ def _train_one(exp: Experiment, spec: RunSpec, setup: Setup, engine: str, out: P
     # the run directory as `distgrad train --out` writes it, without the per-run plots:
     # the experiment's figures show the runs
     res = train(job, model=model, out=out, overwrite=True, figures=False)
-    files = loaded_files()
-    marker.write_text(json.dumps({**key, "code_fingerprint": code_fingerprint(files=files),
-                                  "fingerprint_method": METHOD,
-                                  "code_files": files, "code_version": code_version(),
-                                  "machine": machine(),
+    marker.write_text(json.dumps({**key, **this_code(),
                                   "compute_seconds": time.perf_counter() - start},
                                  indent=1) + "\n")
     if archive is not None:
