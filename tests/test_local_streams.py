@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: a user's module: a model factory and a per-worker streams factory (worker 0 declares 300
 #: samples per epoch, worker 1 100); with ``kill_flag`` worker 1's process SIGKILLs itself at
-#: its third batch, once (the flag file marks it done, so its heir reads on), and worker 0
-#: waits at its fourth batch until then (so it is alive, with work left, to take over)
+#: its third batch, once (the flag file, holding its pid, marks it done, so its heir reads
+#: on), and worker 0 waits at its fourth batch until the parent has reaped that process (so
+#: it is alive, with work left, when the parent hands out the dead worker's samples; waiting
+#: for the flag alone let worker 0 finish on a loaded host while the killed process was
+#: still exiting, and the parent then had no heir)
 USER_MODULE = '''
 import os, signal, time
 import numpy as np
@@ -52,16 +55,27 @@ def _blobs(g, n):
     return x, y
 
 
+def _alive(pid):
+    """Whether process ``pid`` exists (a killed one not yet reaped by its parent does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def make_streams(kill_flag="", batch=20):
     def make(worker, workers, epoch, seed):
         g = np.random.default_rng([seed, worker, epoch])
         for i, start in enumerate(range(0, SAMPLES[worker], batch)):
             if (kill_flag and worker == 1 and i == 2 and not os.path.exists(kill_flag)):
-                open(kill_flag, "w").close()
+                with open(kill_flag + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(kill_flag + ".tmp", kill_flag)
                 os.kill(os.getpid(), signal.SIGKILL)
             if kill_flag and worker == 0 and epoch == 0 and i == 3:
-                for _ in range(1200):  # live (with work left) until worker 1 is dead: <= 120 s
-                    if os.path.exists(kill_flag):
+                for _ in range(1200):  # live, with work left, until worker 1 is reaped: <= 120 s
+                    if os.path.exists(kill_flag) and not _alive(int(open(kill_flag).read())):
                         break
                     time.sleep(0.1)
             x, y = _blobs(g, min(batch, SAMPLES[worker] - start))
@@ -102,6 +116,7 @@ def test_streams_on_local_commit_every_sample_once_even_when_a_worker_dies(
     assert flag.exists()  # the worker did die
     faults = _events(tmp_path / "local", "fault")
     assert len(faults) == 1 and faults[0]["worker"] == 1
+    assert faults[0]["reassigned"], faults[0]  # worker 0 was alive with work left
     assert faults[0]["reassigned"][0][0] == 0 and faults[0]["samples_lost"] == 0
     s = local.summary
     assert s["status"] == "completed" and s["samples_lost"] == 0
