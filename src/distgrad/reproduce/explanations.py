@@ -29,7 +29,10 @@ WHY: dict[str, str] = {
     "4b": "an end-of-training comparison of validation accuracies (see E4-train): after a "
           "few epochs AEASGD's center is ahead in most cells with small n; by the thesis' 40 "
           "epochs AGN's ends higher in them; the thesis' ordering is not reproduced there.",
-    "4c": "an end-of-training comparison of validation accuracies.",
+    "4c": "an end-of-training comparison of validation accuracies (see E4-train): by the "
+          "thesis' 40 epochs AGN's center ends higher than AEASGD's in the cells with "
+          "n ≥ 20 except at λ=10, where AGN with many workers committing often is unstable "
+          "(its n=30 run is E7's); after a few epochs the cells are split.",
     "4d": "temporal efficiency compares whole training curves; at `quick` the curves are "
           "the first epochs only.",
     "4e": "follows 4d: where E < 1 depends on the curves' ends.",
