@@ -187,6 +187,8 @@ def test_results_page_from_a_fixed_event_log(tmp_path):
                                                        for c, v in verdicts],
                                         figures, report)]).read_text()
     assert "other scale: ours, verdict |" in other
+    assert ("**At `quick`** (the column \"other scale\", from its finished runs): 3 hold · "
+            "0 do not hold · 0 not tested; 0 claims have no runs at that scale." in other)
     assert "## Verdicts that changed between scales" in other
     assert "* **1b** (`e1-downpour-workers`): holds at `quick`" in other
     assert "33/49 = 67.35 %" in text and "34/49 = 69.39 %" in text
@@ -200,8 +202,25 @@ def test_a_partial_grid_reports_its_missing_runs_and_tests_nothing_it_lacks(tmp_
     assert results.data["missing"][:2] == ["agn-n10-l10", "aeasgd-n10-l10"]  # core first
     assert len(results.data["missing"]) == 98
     assert all(v.holds is None for _, v in evaluate_claims(results))
-    report, _, figures = write_report(results, tmp_path / "report")
+    report, verdicts, figures = write_report(results, tmp_path / "report")
     assert "**Partial:** 0 of 98 runs finished" in report.read_text() and figures == []
+    # a page compared with it lists what of the grid is finished: its complete cells
+    from distgrad.reproduce import Outcome
+    from distgrad.reproduce.page import write_page
+
+    quick = load_runs(exp, "quick", tmp_path / "quick", allow_missing=True)
+    page = write_page([Outcome(exp, quick, evaluate_claims(quick), [], report)],
+                      tmp_path / "docs" / "reproduction.md", command="c", scale="quick",
+                      compare=[Outcome(exp, results, verdicts, [], report)]).read_text()
+    assert ("## Unfinished at `full`" in page and "* `e6-agn-aeasgd-grid`: 0 of 98 runs "
+            "finished; cells (n, λ) with both runs: none." in page)
+    setup = exp.setup("full")
+    for spec in exp.run_specs("full")[:3]:  # agn and aeasgd at (10, 10), agn at (10, 20)
+        _write_run(tmp_path / spec.dirname(setup, exp.seed), spec.workers, [0.9] * 4,
+                   {"test_accuracy": 0.9, "train_accuracy": 0.9})
+    partial = load_runs(exp, "full", tmp_path, allow_missing=True)
+    assert len(partial.data["missing"]) == 95
+    assert exp.progress(partial) == "cells (n, λ) with both runs: (10, 10)"
 
 
 def test_missing_run_is_named(tmp_path):

@@ -458,6 +458,8 @@ E6 = Experiment(
     thesis="§3.2, Tables 3.1 and 3.2, Fig. agn_aeasgd_workers; claims 4–6",
     setups={"full": Setup(epochs=40), "quick": Setup(epochs=3)},
     runs={scale: _grid_runs(scale) for scale in ("tiny", "quick", "full")},
+    progress=lambda r: "cells (n, λ) with both runs: " + (", ".join(
+        f"({n}, {lam})" for n, lam in _cells(r)) or "none"),
     claims=(
         Claim(id="4a", text="AGN's final training accuracy > AEASGD's in most cells",
               thesis=f"{_tr[0]}/{_tr[1]}", check=_claim_4a),

@@ -120,6 +120,14 @@ def discussion(outcomes: list[Outcome], compare: list[Outcome] | None = None) ->
             lines.append(f"* **{c.id}** (`{o.experiment.name}`): {w.label} at `{scale}`{note} "
                          f"({w.ours}) → {v.label} at `{o.results.scale}` ({v.ours})."
                          + (f" *Why (hand-written): {why}*" if why else ""))
+        partial = [o for o in compare if o.results.data.get("missing")]
+        if partial:
+            lines += ["", f"## Unfinished at `{partial[0].results.scale}`", "",
+                      "Their verdicts above use the finished runs only.", ""]
+        for o in partial:
+            done = o.experiment.progress(o.results) if o.experiment.progress else ", ".join(
+                o.results.runs)
+            lines.append(f"* `{o.experiment.name}`: {caveat(o).strip(' ()')}; {done}.")
     lines.append("")
     return lines
 
@@ -161,6 +169,12 @@ def write_page(outcomes: list[Outcome], page: Path, *, command: str, scale: str,
         f"**Claims: {counts[True]} hold · {counts[False]} do not hold · {counts[None]} not "
         "tested here.**", "",
     ]
+    if compare:
+        them = [v.holds for o in compare for _, v in o.verdicts]
+        lines += [f"**At `{compare[0].results.scale}`** (the column \"other scale\", from its "
+                  f"finished runs): {them.count(True)} hold · {them.count(False)} do not hold · "
+                  f"{them.count(None)} not tested; {sum(counts.values()) - len(them)} claims "
+                  "have no runs at that scale.", ""]
     if scale != "full":
         lines += [f"> `{scale}` runs shorten the thesis' 40 epochs (see each experiment's "
                   "setup) and shrink its grids; a verdict at this scale is about the start of "

@@ -183,6 +183,8 @@ class Experiment:
     execute: Callable[[Experiment, str, Path, int], Results] | None = None
     #: toy experiments: one line on how a scale is sized (MNIST ones derive it from the setup)
     describe: Callable[[str], str] | None = None
+    #: partial run sets: one phrase on what is finished (e.g. a grid's complete cells)
+    progress: Callable[[Results], str] | None = None
     seed: int = 1
 
     def __post_init__(self) -> None:
