@@ -221,6 +221,15 @@ def test_a_partial_grid_reports_its_missing_runs_and_tests_nothing_it_lacks(tmp_
     partial = load_runs(exp, "full", tmp_path, allow_missing=True)
     assert len(partial.data["missing"]) == 95
     assert exp.progress(partial) == "cells (n, λ) with both runs: (10, 10)"
+    # claim 6 reads the largest λ finished for two n or more, not a λ finished for one n
+    specs = {s.label: s for s in exp.run_specs("full")}
+    for label in ("aeasgd-n10-l20", "agn-n20-l10", "aeasgd-n20-l10"):
+        spec = specs[label]
+        _write_run(tmp_path / spec.dirname(setup, exp.seed), spec.workers, [0.9] * 4,
+                   {"test_accuracy": 0.9, "train_accuracy": 0.9})
+    claim = next(c for c in exp.claims if c.id == "6")
+    six = claim.check(load_runs(exp, "full", tmp_path, allow_missing=True))
+    assert six.ours.startswith("λ=10: t(n=10)/t(n=20) = 1.00 for n ratio 2.00"), six.ours
 
 
 def test_missing_run_is_named(tmp_path):

@@ -436,8 +436,12 @@ def _claim_5b(r: Results) -> Verdict:
 
 
 def _claim_6(r: Results) -> Verdict:
-    ns = sorted({n for n, _ in _cells(r)})
-    lam = max(lam for _, lam in _cells(r))
+    by_lam: dict[int, list[int]] = {}
+    for n, lam in _cells(r):
+        by_lam.setdefault(lam, []).append(n)
+    # the largest λ finished for at least two n (a partial grid may have a λ for one n only)
+    lam = max((lam for lam, ns in by_lam.items() if len(ns) > 1), default=max(by_lam))
+    ns = sorted(by_lam[lam])
     t = {n: r[f"agn-n{n}-l{lam}"].summary["virtual_seconds"] for n in ns}
     return Verdict(f"λ={lam}: t(n={ns[0]})/t(n={ns[-1]}) = {t[ns[0]] / t[ns[-1]]:.2f} "
                    f"for n ratio {ns[-1] / ns[0]:.2f} (compute only; with measured costs: "
