@@ -61,6 +61,11 @@ def _key(o: Outcome, claim_id: str) -> tuple[str, str]:
 def caveat(o: Outcome) -> str:
     """What a reader must know about where ``o``'s verdicts come from: runs made by code
     that has changed since (stale) and runs not finished yet; "" when neither."""
+    notes = _caveats(o)
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _caveats(o: Outcome) -> list[str]:
     runs, missing = o.results.runs, o.results.data.get("missing") or []
     stale = [r for r in runs.values() if r.stale]
     replayed = [r.replayed for r in stale if r.replayed]
@@ -75,7 +80,7 @@ def caveat(o: Outcome) -> str:
         notes.append(note)
     if missing:
         notes.append(f"{len(runs)} of {len(runs) + len(missing)} runs finished")
-    return f" ({'; '.join(notes)})" if notes else ""
+    return notes
 
 
 def discussion(outcomes: list[Outcome], compare: list[Outcome] | None = None) -> list[str]:
@@ -127,7 +132,7 @@ def discussion(outcomes: list[Outcome], compare: list[Outcome] | None = None) ->
         for o in partial:
             done = o.experiment.progress(o.results) if o.experiment.progress else ", ".join(
                 o.results.runs)
-            lines.append(f"* `{o.experiment.name}`: {caveat(o).strip(' ()')}; {done}.")
+            lines.append(f"* `{o.experiment.name}`: {'; '.join(_caveats(o))}; {done}.")
     lines.append("")
     return lines
 
